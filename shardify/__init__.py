@@ -1,0 +1,1 @@
+"""shardify: convert parquet rows into validated WebDataset tar shards."""

@@ -1,0 +1,218 @@
+"""``shardify`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import TextIO
+
+from tqdm import tqdm
+
+from shardify.checks import DEFAULT_MAX_IMAGE_PIXELS
+from shardify.convert import ConvertOptions, ConvertResult, convert, default_workers
+from shardify.sources import InputError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+EXIT_USER_ERROR = 2
+EXIT_FAILURE = 1
+
+DESCRIPTION = """\
+Convert Pixmo-style parquet rows into validated WebDataset tar shards.
+
+Row schemas (detected from the columns unless --schema is given):
+  caption  sample_id, caption, image_bytes      -> KEY.jpg|png|..., KEY.txt, KEY.json
+  qa       question, answer, image_bytes [, sample_id]  -> KEY.jpg|png|..., KEY.json
+An audio_bytes column (wav/flac/ogg/mp3) may stand beside or instead of image_bytes.
+Every image and clip is decoded at conversion time; rows that fail are skipped and logged
+in OUT/skipped.jsonl. OUT/manifest.json, written last, lists each shard's exact sample count.
+A run that is interrupted resumes where it stopped when started again with the same arguments.
+S3 uses the standard AWS environment; set AWS_ENDPOINT_URL for S3-compatible stores."""
+
+
+def parse_size(text: str) -> int:
+    """``"512MB"`` -> 512_000_000, ``"1GiB"`` -> 1_073_741_824, ``"4096"`` -> 4096."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1000000, 500MB, 1GiB)")
+    number, unit, binary = match.groups()
+    base = 1024 if binary or (unit and text.strip()[-1] not in "bB") else 1000
+    return int(float(number) * base ** _SIZE_POWERS[unit.lower()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardify", description="Offline dataset tools for streamtrain.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = commands.add_parser(
+        "parquet-to-tar",
+        help="convert parquet files into validated WebDataset tar shards",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="parquet files, directories (searched recursively), globs or s3:// URLs",
+    )
+    p.add_argument(
+        "-o", "--output", required=True, metavar="OUT", help="output directory or s3://bucket/prefix"
+    )
+    p.add_argument(
+        "--schema",
+        choices=("caption", "qa"),
+        default=None,
+        help="row schema (default: detected from the columns)",
+    )
+    p.add_argument(
+        "--max-samples-per-shard",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="start a new shard after N samples (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-shard-bytes",
+        type=parse_size,
+        default=1 << 30,
+        metavar="SIZE",
+        help="start a new shard before it would exceed SIZE, e.g. 500MB, 1GiB (default: 1GiB)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        metavar="N",
+        help="threads decoding images in parallel (default: CPU count, %(default)s here)",
+    )
+    p.add_argument(
+        "--prefix",
+        default="shard",
+        metavar="NAME",
+        help="shard file prefix: NAME-000000.tar, ... (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        metavar="N",
+        help="skip images with more pixels as too_large; checked from the header before "
+        "decoding, so decompression bombs cost nothing (default: %(default)s)",
+    )
+    p.add_argument(
+        "--transcode-uncommon",
+        action="store_true",
+        help="store GIF/BMP/TIFF images as lossless PNG so readers that only know "
+        "jpg/png/webp (open_clip) see them; JPEG/PNG/WebP are never re-encoded",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace whatever conversion OUT already holds")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, one summary line")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = ConvertOptions(
+        output=args.output,
+        schema=args.schema,
+        max_samples_per_shard=args.max_samples_per_shard,
+        max_shard_bytes=args.max_shard_bytes,
+        prefix=args.prefix,
+        max_image_pixels=args.max_image_pixels,
+        transcode_uncommon=args.transcode_uncommon,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
+    progress = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty())
+    try:
+        result = convert(args.inputs, options, on_rows=progress.rows, on_plan=progress.plan)
+    except InputError as exc:
+        print(f"shardify: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\nshardify: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except (OSError, RuntimeError, ValueError) as exc:
+        print(f"shardify: failed: {exc}", file=sys.stderr)
+        print("shardify: completed shards are kept; run the same command again to resume", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        progress.close()
+    print_summary(result, options.output, sys.stdout, brief=args.quiet)
+    return 0
+
+
+class _ProgressBar:
+    """A rows/s bar on a terminal; silent in logs."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.bar: tqdm | None = None
+
+    def plan(self, total: int, done: int) -> None:
+        if done:
+            print(
+                f"shardify: resuming an interrupted conversion at row {done:,} of {total:,}", file=sys.stderr
+            )
+        if self.enabled:
+            self.bar = tqdm(total=total, initial=done, unit="rows", desc="converting", dynamic_ncols=True)
+
+    def rows(self, count: int) -> None:
+        if self.bar is not None:
+            self.bar.update(count)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def print_summary(result: ConvertResult, output: str, out: TextIO, brief: bool = False) -> None:
+    m = result.manifest
+    if result.already_complete:
+        print(
+            f"shardify: {output} already holds this conversion: {m.samples_written:,} samples in "
+            f"{len(m.shards)} shards; nothing to do",
+            file=out,
+        )
+        return
+    seconds = max(result.elapsed_s, 1e-9)
+    rate = result.rows_this_run / seconds
+    mb_rate = result.media_bytes_this_run / seconds / 1e6
+    if brief:
+        print(
+            f"shardify: {m.rows_read:,} rows -> {m.samples_written:,} samples in {len(m.shards)} shards, "
+            f"{m.rows_skipped:,} skipped; {rate:,.0f} rows/s; {output}",
+            file=out,
+        )
+        return
+    rows = [
+        ("rows read", m.rows_read),
+        ("samples written", m.samples_written),
+        ("rows skipped", m.rows_skipped),
+    ]
+    rows += [(f"  {reason}", count) for reason, count in m.skipped_by_reason.items()]
+    width = max(len(label) for label, _ in rows)
+    print(
+        f"\nshardify: {output}  (schema {m.schema}, {len(m.shards)} shards, "
+        f"{sum(s.bytes for s in m.shards) / 1e6:,.1f} MB)",
+        file=out,
+    )
+    for label, count in rows:
+        print(f"  {label:<{width}}  {count:>12,}", file=out)
+    media = ", ".join(f"{ext} {count:,}" for ext, count in m.media.items())
+    print(f"  {'media':<{width}}  {media}", file=out)
+    print(
+        f"  {'throughput':<{width}}  {rate:>12,.1f} rows/s, {mb_rate:,.1f} MB/s of media "
+        f"({result.elapsed_s:.1f} s)",
+        file=out,
+    )
+    if result.resumed_at_row:
+        print(f"  resumed: {result.resumed_at_row:,} rows were already committed by an earlier run", file=out)
+    if m.rows_skipped:
+        print(f"  details of skipped rows: {output.rstrip('/')}/skipped.jsonl", file=out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

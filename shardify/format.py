@@ -1,0 +1,125 @@
+"""The shard contract shared by the converter and the trainer.
+
+A shardify output (a local directory or an ``s3://`` prefix) holds:
+
+- ``{prefix}-000000.tar``, ... WebDataset shards. Every sample is a run of members sharing one
+  key: the media under its detected extension (``.jpg``, ``.png``, ``.wav``, ...), ``.txt`` (the
+  caption, caption schema only) and ``.json`` (every non-binary column of the source row).
+- ``manifest.json``: the ordered shard list with exact per-shard sample counts (written last).
+- ``skipped.jsonl``: one line per source row that was not converted, with its reason.
+
+This module knows nothing of conversion or training; both sides import it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+SKIPPED_NAME = "skipped.jsonl"
+MANIFEST_FORMAT_VERSION = 1
+SCHEMAS = ("caption", "qa")
+
+# Why a fixed timestamp: shards are byte-identical whatever the worker count or restarts.
+TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z
+
+_UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_]+")
+_KEY_SLUG_LEN = 48
+
+# PIL format name -> member extension. Only formats listed here are accepted as images.
+IMAGE_EXTENSIONS = {
+    "JPEG": "jpg",
+    "MPO": "jpg",  # multi-picture JPEG from phone cameras: a valid JPEG to every reader
+    "PNG": "png",
+    "WEBP": "webp",
+    "GIF": "gif",
+    "BMP": "bmp",
+    "TIFF": "tiff",
+}
+# The extensions every WebDataset image reader understands (open_clip reads exactly these).
+COMMON_IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+
+# soundfile (libsndfile) major format -> member extension.
+AUDIO_EXTENSIONS = {
+    "WAV": "wav",
+    "WAVEX": "wav",
+    "FLAC": "flac",
+    "OGG": "ogg",
+    "MP3": "mp3",
+}
+
+
+def sample_key(source_index: int, row: int, sample_id: object) -> str:
+    """The tar member key of one sample: unique, deterministic and safe for every tar reader.
+
+    WebDataset splits a member name at the first dot of its basename and treats slashes as
+    directories, so the key holds neither; ``source_index`` and ``row`` make it unique even when
+    sample_ids repeat; a slug of the sample_id keeps it readable. The original id is in ``.json``.
+    """
+    key = f"{source_index:05d}-{row:09d}"
+    if sample_id is None:
+        return key
+    slug = _UNSAFE_KEY_CHARS.sub("_", str(sample_id)).strip("_")[:_KEY_SLUG_LEN]
+    return f"{key}-{slug}" if slug else key
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+@dataclass
+class ShardEntry:
+    """One shard as the manifest lists it."""
+
+    name: str
+    """File name relative to the output directory."""
+    samples: int
+    """Exact number of samples in the shard."""
+    bytes: int
+    """Size of the tar file in bytes."""
+
+
+@dataclass
+class Manifest:
+    """What a shardify output holds; the trainer relies on its exact per-shard counts."""
+
+    schema: str
+    shards: list[ShardEntry]
+    rows_read: int
+    samples_written: int
+    rows_skipped: int
+    skipped_by_reason: dict[str, int]
+    inputs: list[str]
+    options: dict[str, Any]
+    media: dict[str, int] = field(default_factory=dict)
+    """Samples written per member extension (``{"jpg": 980, "png": 20}``)."""
+    fingerprint: str = ""
+    """Digest of the inputs and options; a rerun with the same ones finds the work done."""
+    format_version: int = MANIFEST_FORMAT_VERSION
+    created_by: str = "shardify"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "manifest.json") -> Manifest:
+        """Parse a manifest, refusing versions this code does not understand."""
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{where}: not valid JSON ({exc})") from None
+        version = raw.get("format_version")
+        if version != MANIFEST_FORMAT_VERSION:
+            raise ValueError(
+                f"{where}: manifest format_version {version!r} is not supported "
+                f"(this version reads {MANIFEST_FORMAT_VERSION})"
+            )
+        raw["shards"] = [ShardEntry(**entry) for entry in raw["shards"]]
+        return cls(**raw)
+
+    @property
+    def total_samples(self) -> int:
+        return sum(entry.samples for entry in self.shards)

@@ -1,0 +1,153 @@
+"""The ordered sequence of shards and the journal that makes a conversion restartable.
+
+Rows are consumed in one fixed order (inputs sorted, rows in file order) whatever the worker
+count, so the shards are a pure function of the inputs and options. Each time a shard fills up
+it is *committed*: its tar and the skipped rows seen since the last commit are published, then
+``.shardify/progress.json`` records the position of the next unconsumed row and every count.
+A restarted run resumes from that position and rewrites exactly what was not committed, so no
+sample is written twice or lost, and no partial shard is ever visible.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from shardify.format import ShardEntry, shard_name
+from shardify.output import WORK_DIR, Output
+from shardify.tarwriter import TarShard, finished_size, sample_tar_bytes
+
+JOURNAL_VERSION = 1
+PROGRESS_NAME = f"{WORK_DIR}/progress.json"
+
+
+@dataclass
+class Progress:
+    """Everything committed so far; small, JSON, rewritten atomically at each commit."""
+
+    fingerprint: str
+    source: int = 0
+    """Index of the input holding the next unconsumed row."""
+    row: int = 0
+    """Index of that row in its input."""
+    rows_read: int = 0
+    samples_written: int = 0
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    media: dict[str, int] = field(default_factory=dict)
+    shards: list[ShardEntry] = field(default_factory=list)
+    skip_segments: list[str] = field(default_factory=list)
+    version: int = JOURNAL_VERSION
+
+    @property
+    def rows_skipped(self) -> int:
+        return sum(self.skipped_by_reason.values())
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Progress:
+        raw = json.loads(text)
+        if raw.get("version") != JOURNAL_VERSION:
+            raise ValueError(f"journal version {raw.get('version')!r} is not {JOURNAL_VERSION}")
+        raw["shards"] = [ShardEntry(**entry) for entry in raw["shards"]]
+        return cls(**raw)
+
+
+class ShardSequence:
+    """Appends samples and skipped rows in order, cutting shards at the configured limits."""
+
+    def __init__(
+        self, output: Output, progress: Progress, prefix: str, max_samples: int, max_bytes: int
+    ) -> None:
+        self.output = output
+        self.committed = progress
+        self.prefix = prefix
+        self.max_samples = max_samples
+        self.max_bytes = max_bytes
+        # Counts since the last commit; folded into the journal when the next commit lands.
+        self._rows = 0
+        self._samples = 0
+        self._skips: Counter[str] = Counter()
+        self._media: Counter[str] = Counter()
+        self._shard: TarShard | None = None
+        self._skip_handle = None
+        self._skip_lines = 0
+
+    @property
+    def rows_read(self) -> int:
+        return self.committed.rows_read + self._rows
+
+    @property
+    def samples_written(self) -> int:
+        return self.committed.samples_written + self._samples
+
+    @property
+    def skipped_by_reason(self) -> Counter[str]:
+        return Counter(self.committed.skipped_by_reason) + self._skips
+
+    def _open_shard(self) -> TarShard:
+        name = shard_name(self.prefix, len(self.committed.shards)) + ".partial"
+        self._shard = TarShard(open(self.output.scratch_path(name), "wb"))
+        return self._shard
+
+    def add_sample(self, source: int, row: int, key: str, members: list[tuple[str, bytes]]) -> None:
+        """Append one converted row (``row`` of input ``source``)."""
+        shard = self._shard
+        if shard is not None and shard.samples > 0:
+            projected = finished_size(shard.data_bytes + sample_tar_bytes(members))
+            if shard.samples >= self.max_samples or projected > self.max_bytes:
+                self.commit(source, row)
+                shard = None
+        if shard is None:
+            shard = self._open_shard()
+        shard.add_sample(key, members)
+        self._rows += 1
+        self._samples += 1
+        self._media.update(ext for ext, _ in members if ext not in ("txt", "json"))
+
+    def add_skip(self, record: dict) -> None:
+        """Log one skipped row (``record`` has sample_id, source, row, reason, detail)."""
+        if self._skip_handle is None:
+            name = f"skipped-{len(self.committed.skip_segments):06d}.jsonl.partial"
+            self._skip_handle = open(self.output.scratch_path(name), "w", encoding="utf-8")
+        self._skip_handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._skips[record["reason"]] += 1
+        self._rows += 1
+
+    def commit(self, next_source: int, next_row: int) -> None:
+        """Publish the open shard and skip segment; record ``(next_source, next_row)`` as resume point."""
+        progress = self.committed
+        if self._skip_handle is not None:
+            self._skip_handle.close()
+            self._skip_handle = None
+            segment = f"skipped-{len(progress.skip_segments):06d}.jsonl"
+            self.output.publish(segment + ".partial", f"{WORK_DIR}/{segment}")
+            progress.skip_segments.append(segment)
+        if self._shard is not None:
+            name = shard_name(self.prefix, len(progress.shards))
+            size = self._shard.finish()
+            self.output.publish(name + ".partial", name)
+            progress.shards.append(ShardEntry(name=name, samples=self._shard.samples, bytes=size))
+            self._shard = None
+        progress.source, progress.row = next_source, next_row
+        progress.rows_read += self._rows
+        progress.samples_written += self._samples
+        progress.skipped_by_reason = dict(sorted((Counter(progress.skipped_by_reason) + self._skips).items()))
+        progress.media = dict(sorted((Counter(progress.media) + self._media).items()))
+        self._rows = self._samples = 0
+        self._skips.clear()
+        self._media.clear()
+        self.output.write_text(PROGRESS_NAME, progress.to_json())
+
+
+def write_skipped_log(output: Output, progress: Progress, name: str) -> None:
+    """Concatenate the committed skip segments, in order, into the final skipped log."""
+    scratch = name + ".writing"
+    with open(output.scratch_path(scratch), "wb") as combined:
+        for segment in progress.skip_segments:
+            with output.fs.open(output.path(f"{WORK_DIR}/{segment}"), "rb") as part:
+                while chunk := part.read(1 << 20):
+                    combined.write(chunk)
+    output.publish(scratch, name)

@@ -1,0 +1,3 @@
+"""streamtrain: streaming trainer for vision/audio-language models on WebDataset shards."""
+
+__version__ = "0.1.0"
