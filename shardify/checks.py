@@ -7,6 +7,7 @@ Every check returns a :class:`MediaCheck`; a failed one carries a short ``reason
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -90,8 +91,7 @@ def check_image(
         return MediaCheck.fail("too_large", str(exc))
     except OSError as exc:
         text = str(exc)
-        reason = "truncated" if "truncated" in text or "broken data stream" in text else "decode_error"
-        return MediaCheck.fail(reason, text)
+        return MediaCheck.fail("truncated" if "truncated" in text.lower() else "decode_error", text)
     except (SyntaxError, ValueError, TypeError, IndexError, KeyError, EOFError, MemoryError) as exc:
         # Pillow's plugins raise these on malformed headers and chunk tables.
         return MediaCheck.fail("decode_error", f"{type(exc).__name__}: {exc}")
@@ -124,7 +124,7 @@ def check_audio(data: bytes | None, column: str = "audio_bytes") -> MediaCheck:
             if len(decoded) == 0:
                 return MediaCheck.fail("truncated", f"{column} decodes to no samples")
     except soundfile.LibsndfileError as exc:
-        text = str(exc)
+        text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", column, str(exc))
         reason = "unidentified" if "recognised" in text or "recognized" in text else "decode_error"
         return MediaCheck.fail(reason, text)
     except (RuntimeError, ValueError, TypeError) as exc:

@@ -156,7 +156,7 @@ def detect_schema(inputs: list[ParquetInput], requested: str | None) -> str:
             if not (has_qa or has_caption):
                 raise InputError(
                     f"{item.url}: cannot tell the schema: need a 'caption' column (caption schema) or "
-                    f"'question' and 'answer' (qa schema); found columns: {', '.join(item.schema.names)}"
+                    f"'question' and 'answer' (qa schema); found: {', '.join(item.schema.names)}"
                 )
             schema = "qa" if has_qa else "caption"
         assert schema in SCHEMAS

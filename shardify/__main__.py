@@ -1,0 +1,5 @@
+import sys
+
+from shardify.cli import main
+
+sys.exit(main())

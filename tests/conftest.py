@@ -1,0 +1,41 @@
+"""Shared fixtures: a loopback S3 server, and clean fsspec caches between tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import fsspec
+import pytest
+
+from tests.s3server import SeaweedS3
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedS3]:
+    """The AWS environment pointing at the loopback server, for this process and its children."""
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    fsspec.AbstractFileSystem.clear_instance_cache()
+    yield s3_server
+    fsspec.AbstractFileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3_bucket(s3_env: SeaweedS3, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty bucket; returns its name."""
+    import s3fs
+
+    name = "t" + format(abs(hash(request.node.nodeid)) % 10**10, "010d") + format(os.getpid() % 1000, "03d")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_env.endpoint})
+    if not fs.exists(name):
+        fs.mkdir(name)
+    return name

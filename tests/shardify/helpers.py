@@ -1,0 +1,45 @@
+"""Reading a shardify output back, independently of the converter's code."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+
+def read_manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def read_skipped(out: Path) -> list[dict]:
+    path = out / "skipped.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def read_samples(out: Path) -> list[dict[str, bytes]]:
+    """Every sample of every shard listed in the manifest, in order, as {extension: payload}."""
+    samples: list[dict[str, bytes]] = []
+    for entry in read_manifest(out)["shards"]:
+        samples.extend(read_shard(out / entry["name"]))
+    return samples
+
+
+def read_shard(path: Path) -> list[dict[str, bytes]]:
+    samples: list[dict[str, bytes]] = []
+    current_key = None
+    with tarfile.open(path) as tar:
+        for member in tar:
+            base = member.name.rsplit("/", 1)[-1]
+            key, extension = base.split(".", 1)
+            if key != current_key:
+                samples.append({"__key__": key.encode()})
+                current_key = key
+            payload = tar.extractfile(member).read()
+            assert extension not in samples[-1], f"duplicate member {member.name}"
+            samples[-1][extension] = payload
+    return samples
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    """Every visible file of an output (recursively), for byte-for-byte comparisons."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}

@@ -1,0 +1,73 @@
+"""A conversion killed with SIGKILL at random moments, then restarted, ends exactly like a clean one."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import factories
+from tests.shardify.helpers import output_files, read_manifest, read_shard
+
+
+@pytest.fixture(scope="module")
+def slow_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Enough rows of 320x240 photos that a conversion takes several seconds on one worker."""
+    folder = tmp_path_factory.mktemp("restart-input")
+    distinct = [factories.jpeg(320, 240, seed=s) for s in range(40)]
+    for part in range(2):
+        rows = [
+            {"sample_id": f"p{part}-{i}", "caption": f"caption {part} {i}",
+             "image_bytes": b"not an image" if i % 97 == 5 else distinct[i % len(distinct)]}
+            for i in range(1500)
+        ]
+        factories.write_parquet(folder / f"part-{part}.parquet", rows, row_group_size=100)
+    return folder
+
+
+def _command(source: Path, out: Path, workers: int) -> list[str]:
+    return [sys.executable, "-m", "shardify", "parquet-to-tar", str(source), "-o", str(out),
+            "--max-samples-per-shard", "150", "--workers", str(workers), "--quiet"]
+
+
+def _assert_only_complete_shards_visible(out: Path) -> int:
+    """Every visible *.tar is a whole archive (the converter never exposes a partial one)."""
+    visible = sorted(out.glob("*.tar")) if out.exists() else []
+    for shard in visible:
+        samples = read_shard(shard)  # raises on a cut archive
+        assert len(samples) == 150 or (out / "manifest.json").exists()
+    return len(visible)
+
+
+def test_killed_conversion_resumes_to_identical_output(slow_input: Path, tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    subprocess.run(_command(slow_input, reference, 2), check=True, timeout=300)
+    rng = random.Random(1234)
+    out = tmp_path / "killed"
+    kills = 0
+    progress = []
+    resumed = 0
+    for attempt in range(4):
+        process = subprocess.Popen(_command(slow_input, out, 1 + attempt % 2), stderr=subprocess.PIPE, text=True)
+        time.sleep(rng.uniform(1.2, 2.5))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait(timeout=60)
+        resumed += "resuming an interrupted conversion" in process.stderr.read()
+        progress.append(_assert_only_complete_shards_visible(out))
+        assert not (out / "manifest.json").exists() or process.returncode == 0
+    assert kills >= 3, "the conversion finished before it could be killed; make the input slower"
+    assert progress[-1] > 0, "no shard was ever committed before a kill"
+    assert resumed >= 1 and progress == sorted(progress), progress
+    final = subprocess.run(_command(slow_input, out, 2), capture_output=True, text=True, timeout=300)
+    assert final.returncode == 0, final.stderr
+    assert output_files(out) == output_files(reference)
+    manifest = read_manifest(out)
+    assert manifest["rows_read"] == 3000 == manifest["samples_written"] + manifest["rows_skipped"]
+    assert not (out / ".shardify").exists()
