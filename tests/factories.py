@@ -91,21 +91,34 @@ def wav(seconds: float = 0.25, rate: int = 22050, fmt: str = "WAV", seed: int = 
     return out.getvalue()
 
 
-def write_parquet(path: Path, rows: Iterable[dict], row_group_size: int = 64, schema: pa.Schema | None = None) -> Path:
+def write_parquet(
+    path: Path, rows: Iterable[dict], row_group_size: int = 64, schema: pa.Schema | None = None
+) -> Path:
     rows = list(rows)
     table = pa.Table.from_pylist(rows, schema=schema)
     pq.write_table(table, path, row_group_size=row_group_size)
     return path
 
 
-CAPTION_SCHEMA = pa.schema([("sample_id", pa.string()), ("caption", pa.string()), ("image_bytes", pa.binary())])
+CAPTION_SCHEMA = pa.schema(
+    [("sample_id", pa.string()), ("caption", pa.string()), ("image_bytes", pa.binary())]
+)
 QA_SCHEMA = pa.schema(
-    [("sample_id", pa.string()), ("question", pa.string()), ("answer", pa.string()), ("image_bytes", pa.binary())]
+    [
+        ("sample_id", pa.string()),
+        ("question", pa.string()),
+        ("answer", pa.string()),
+        ("image_bytes", pa.binary()),
+    ]
 )
 
 
 def caption_rows(count: int, start: int = 0, size: tuple[int, int] = (48, 32)) -> list[dict]:
     return [
-        {"sample_id": f"img-{start + i:05d}", "caption": f"a photo number {start + i}", "image_bytes": jpeg(*size, seed=start + i)}
+        {
+            "sample_id": f"img-{start + i:05d}",
+            "caption": f"a photo number {start + i}",
+            "image_bytes": jpeg(*size, seed=start + i),
+        }
         for i in range(count)
     ]

@@ -39,7 +39,9 @@ class SeaweedS3:
         self.weed = shutil.which("weed") or str(Path(os.sys.executable).parent / "weed")
         self.data_dir = data_dir
         taken: set[int] = set()
-        self.ports = {name: _free_port_pair(taken) for name in ("s3", "master", "volume", "filer", "webdav", "admin")}
+        self.ports = {
+            name: _free_port_pair(taken) for name in ("s3", "master", "volume", "filer", "webdav", "admin")
+        }
         self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
         self.process: subprocess.Popen | None = None
         self.log = data_dir / "weed.log"
@@ -49,7 +51,9 @@ class SeaweedS3:
         args = [self.weed, "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
         args += [f"-{name}.port={port}" for name, port in self.ports.items()]
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -15,8 +15,9 @@ from tests.shardify.helpers import read_manifest
 
 
 def shardify(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shardify", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "shardify", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
 
 
 def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -30,8 +31,18 @@ def assert_user_error(result: subprocess.CompletedProcess, *needles: str) -> Non
 def test_help_explains_every_option() -> None:
     result = shardify("parquet-to-tar", "--help")
     assert result.returncode == 0
-    for option in ("--output", "--schema", "--max-samples-per-shard", "--max-shard-bytes", "--workers",
-                   "--prefix", "--quiet", "s3://", "manifest.json", "skipped.jsonl"):
+    for option in (
+        "--output",
+        "--schema",
+        "--max-samples-per-shard",
+        "--max-shard-bytes",
+        "--workers",
+        "--prefix",
+        "--quiet",
+        "s3://",
+        "manifest.json",
+        "skipped.jsonl",
+    ):
         assert option in result.stdout
 
 
@@ -48,37 +59,59 @@ def test_summary_table(tmp_path: Path) -> None:
 
 
 def test_no_inputs_matched(tmp_path: Path) -> None:
-    assert_user_error(shardify("parquet-to-tar", str(tmp_path / "nothing-*.parquet"), "-o", str(tmp_path / "o")),
-                      "no input matched")
-    assert_user_error(shardify("parquet-to-tar", str(tmp_path / "missing.parquet"), "-o", str(tmp_path / "o")),
-                      "does not exist")
+    assert_user_error(
+        shardify("parquet-to-tar", str(tmp_path / "nothing-*.parquet"), "-o", str(tmp_path / "o")),
+        "no input matched",
+    )
+    assert_user_error(
+        shardify("parquet-to-tar", str(tmp_path / "missing.parquet"), "-o", str(tmp_path / "o")),
+        "does not exist",
+    )
     (tmp_path / "empty").mkdir()
-    assert_user_error(shardify("parquet-to-tar", str(tmp_path / "empty"), "-o", str(tmp_path / "o")),
-                      "no *.parquet")
+    assert_user_error(
+        shardify("parquet-to-tar", str(tmp_path / "empty"), "-o", str(tmp_path / "o")), "no *.parquet"
+    )
 
 
 def test_non_parquet_input(tmp_path: Path) -> None:
     bogus = tmp_path / "bogus.parquet"
     bogus.write_text("name,caption\nx,y\n")
-    assert_user_error(shardify("parquet-to-tar", str(bogus), "-o", str(tmp_path / "o")),
-                      str(bogus), "not a readable parquet file")
+    assert_user_error(
+        shardify("parquet-to-tar", str(bogus), "-o", str(tmp_path / "o")),
+        str(bogus),
+        "not a readable parquet file",
+    )
     assert not (tmp_path / "o" / "manifest.json").exists()
 
 
 def test_missing_columns_named_with_what_was_found(tmp_path: Path) -> None:
-    table_path = factories.write_parquet(tmp_path / "wrong.parquet", [{"sample_id": "a", "caption": "b", "img": b"x"}])
-    assert_user_error(shardify("parquet-to-tar", str(table_path), "-o", str(tmp_path / "o")),
-                      "missing required column", "image_bytes", "found: sample_id, caption, img")
+    table_path = factories.write_parquet(
+        tmp_path / "wrong.parquet", [{"sample_id": "a", "caption": "b", "img": b"x"}]
+    )
+    assert_user_error(
+        shardify("parquet-to-tar", str(table_path), "-o", str(tmp_path / "o")),
+        "missing required column",
+        "image_bytes",
+        "found: sample_id, caption, img",
+    )
     no_text = factories.write_parquet(tmp_path / "notext.parquet", [{"sample_id": "a", "image_bytes": b"x"}])
-    assert_user_error(shardify("parquet-to-tar", str(no_text), "-o", str(tmp_path / "o")),
-                      "cannot tell the schema", "found: sample_id, image_bytes")
-    assert_user_error(shardify("parquet-to-tar", str(no_text), "-o", str(tmp_path / "o"), "--schema", "qa"),
-                      "question, answer")
+    assert_user_error(
+        shardify("parquet-to-tar", str(no_text), "-o", str(tmp_path / "o")),
+        "cannot tell the schema",
+        "found: sample_id, image_bytes",
+    )
+    assert_user_error(
+        shardify("parquet-to-tar", str(no_text), "-o", str(tmp_path / "o"), "--schema", "qa"),
+        "question, answer",
+    )
 
 
 def test_media_column_of_wrong_type(tmp_path: Path) -> None:
-    path = factories.write_parquet(tmp_path / "t.parquet", [{"caption": "b", "image_bytes": "a string"}],
-                                   schema=pa.schema([("caption", pa.string()), ("image_bytes", pa.string())]))
+    path = factories.write_parquet(
+        tmp_path / "t.parquet",
+        [{"caption": "b", "image_bytes": "a string"}],
+        schema=pa.schema([("caption", pa.string()), ("image_bytes", pa.string())]),
+    )
     assert_user_error(shardify("parquet-to-tar", str(path), "-o", str(tmp_path / "o")), "must be binary")
 
 
@@ -86,21 +119,35 @@ def test_output_that_cannot_be_written(tmp_path: Path) -> None:
     source = factories.write_parquet(tmp_path / "in.parquet", factories.caption_rows(2))
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    assert_user_error(shardify("parquet-to-tar", str(source), "-o", str(blocker / "out")), "cannot write to output")
+    assert_user_error(
+        shardify("parquet-to-tar", str(source), "-o", str(blocker / "out")), "cannot write to output"
+    )
 
 
 def test_bad_option_values(tmp_path: Path) -> None:
     source = factories.write_parquet(tmp_path / "in.parquet", factories.caption_rows(2))
-    assert_user_error(shardify("parquet-to-tar", str(source), "-o", str(tmp_path / "o"), "--workers", "0"),
-                      "--workers must be at least 1")
-    assert_user_error(shardify("parquet-to-tar", str(source), "-o", str(tmp_path / "o"), "--prefix", "a/b"),
-                      "--prefix")
+    assert_user_error(
+        shardify("parquet-to-tar", str(source), "-o", str(tmp_path / "o"), "--workers", "0"),
+        "--workers must be at least 1",
+    )
+    assert_user_error(
+        shardify("parquet-to-tar", str(source), "-o", str(tmp_path / "o"), "--prefix", "a/b"), "--prefix"
+    )
     result = shardify("parquet-to-tar", str(source), "-o", str(tmp_path / "o"), "--max-shard-bytes", "lots")
     assert result.returncode == 2 and "not a size" in result.stderr and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("text, value", [("4096", 4096), ("500MB", 500_000_000), ("1GiB", 1 << 30),
-                                         ("1.5G", int(1.5 * (1 << 30))), ("2kb", 2000), ("64M", 64 << 20)])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("4096", 4096),
+        ("500MB", 500_000_000),
+        ("1GiB", 1 << 30),
+        ("1.5G", int(1.5 * (1 << 30))),
+        ("2kb", 2000),
+        ("64M", 64 << 20),
+    ],
+)
 def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value
 
@@ -108,7 +155,11 @@ def test_parse_size(text: str, value: int) -> None:
 def test_console_script_is_installed(tmp_path: Path) -> None:
     source = factories.write_parquet(tmp_path / "in.parquet", factories.caption_rows(4))
     script = Path(sys.executable).parent / "shardify"
-    result = subprocess.run([str(script), "parquet-to-tar", str(source), "-o", str(tmp_path / "o"), "-q"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(script), "parquet-to-tar", str(source), "-o", str(tmp_path / "o"), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert read_manifest(tmp_path / "o")["samples_written"] == 4

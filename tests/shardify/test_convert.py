@@ -33,8 +33,9 @@ def _mixed_rows() -> list[dict]:
 
 @pytest.fixture
 def mixed_parquet(tmp_path: Path) -> Path:
-    return factories.write_parquet(tmp_path / "mixed.parquet", _mixed_rows(), row_group_size=16,
-                                   schema=factories.CAPTION_SCHEMA)
+    return factories.write_parquet(
+        tmp_path / "mixed.parquet", _mixed_rows(), row_group_size=16, schema=factories.CAPTION_SCHEMA
+    )
 
 
 def _convert(inputs: list[Path | str], out: Path, **options) -> None:
@@ -111,12 +112,15 @@ def test_unusual_formats_can_be_transcoded_for_web_readers(mixed_parquet: Path, 
 
 
 def test_same_output_whatever_the_worker_count(mixed_parquet: Path, tmp_path: Path) -> None:
-    second = factories.write_parquet(tmp_path / "second.parquet", factories.caption_rows(50, start=500),
-                                     row_group_size=7)
+    second = factories.write_parquet(
+        tmp_path / "second.parquet", factories.caption_rows(50, start=500), row_group_size=7
+    )
     outputs = []
     for workers in (1, 2, 5):
         out = tmp_path / f"out{workers}"
-        _convert([mixed_parquet, second], out, workers=workers, max_samples_per_shard=30, batch_rows=5 + workers)
+        _convert(
+            [mixed_parquet, second], out, workers=workers, max_samples_per_shard=30, batch_rows=5 + workers
+        )
         outputs.append(output_files(out))
     assert outputs[0] == outputs[1] == outputs[2]
 
@@ -141,8 +145,13 @@ def test_a_sample_larger_than_the_byte_limit_gets_its_own_shard(tmp_path: Path) 
 
 def test_qa_schema_detected_and_written(tmp_path: Path) -> None:
     rows = [
-        {"question": f"What is shown in picture {i}?", "answer": f"pattern {i}", "image_bytes": factories.jpeg(seed=i),
-         "source_dataset": "pixmo-ask", "score": i / 10}
+        {
+            "question": f"What is shown in picture {i}?",
+            "answer": f"pattern {i}",
+            "image_bytes": factories.jpeg(seed=i),
+            "source_dataset": "pixmo-ask",
+            "score": i / 10,
+        }
         for i in range(10)
     ]
     rows[4]["answer"] = None
@@ -159,13 +168,37 @@ def test_qa_schema_detected_and_written(tmp_path: Path) -> None:
 
 def test_audio_beside_and_instead_of_images(tmp_path: Path) -> None:
     rows = [
-        {"sample_id": "both", "caption": "a tone", "image_bytes": factories.jpeg(), "audio_bytes": factories.wav()},
-        {"sample_id": "audio-only", "caption": "a flac tone", "image_bytes": None,
-         "audio_bytes": factories.wav(fmt="FLAC")},
-        {"sample_id": "image-only", "caption": "a picture", "image_bytes": factories.jpeg(), "audio_bytes": None},
+        {
+            "sample_id": "both",
+            "caption": "a tone",
+            "image_bytes": factories.jpeg(),
+            "audio_bytes": factories.wav(),
+        },
+        {
+            "sample_id": "audio-only",
+            "caption": "a flac tone",
+            "image_bytes": None,
+            "audio_bytes": factories.wav(fmt="FLAC"),
+        },
+        {
+            "sample_id": "image-only",
+            "caption": "a picture",
+            "image_bytes": factories.jpeg(),
+            "audio_bytes": None,
+        },
         {"sample_id": "neither", "caption": "nothing", "image_bytes": None, "audio_bytes": None},
-        {"sample_id": "bad-audio", "caption": "noise", "image_bytes": factories.jpeg(), "audio_bytes": b"RIFFxxxx"},
-        {"sample_id": "mp3", "caption": "mp3 tone", "image_bytes": None, "audio_bytes": factories.wav(fmt="MP3")},
+        {
+            "sample_id": "bad-audio",
+            "caption": "noise",
+            "image_bytes": factories.jpeg(),
+            "audio_bytes": b"RIFFxxxx",
+        },
+        {
+            "sample_id": "mp3",
+            "caption": "mp3 tone",
+            "image_bytes": None,
+            "audio_bytes": factories.wav(fmt="MP3"),
+        },
     ]
     source = factories.write_parquet(tmp_path / "av.parquet", rows)
     out = tmp_path / "out"
@@ -180,17 +213,39 @@ def test_audio_beside_and_instead_of_images(tmp_path: Path) -> None:
 
 
 def test_extra_and_typed_columns_survive_in_json(tmp_path: Path) -> None:
-    schema = pa.schema([("sample_id", pa.int64()), ("caption", pa.string()), ("image_bytes", pa.binary()),
-                        ("tags", pa.list_(pa.string())), ("meta", pa.struct([("w", pa.int32())])),
-                        ("when", pa.timestamp("s")), ("thumb", pa.binary())])
-    rows = [{"sample_id": 7, "caption": "c", "image_bytes": factories.jpeg(), "tags": ["a", "b"],
-             "meta": {"w": 3}, "when": 0, "thumb": b"\x00\x01"}]
+    schema = pa.schema(
+        [
+            ("sample_id", pa.int64()),
+            ("caption", pa.string()),
+            ("image_bytes", pa.binary()),
+            ("tags", pa.list_(pa.string())),
+            ("meta", pa.struct([("w", pa.int32())])),
+            ("when", pa.timestamp("s")),
+            ("thumb", pa.binary()),
+        ]
+    )
+    rows = [
+        {
+            "sample_id": 7,
+            "caption": "c",
+            "image_bytes": factories.jpeg(),
+            "tags": ["a", "b"],
+            "meta": {"w": 3},
+            "when": 0,
+            "thumb": b"\x00\x01",
+        }
+    ]
     source = factories.write_parquet(tmp_path / "typed.parquet", rows, schema=schema)
     out = tmp_path / "out"
     _convert([source], out)
     meta = json.loads(read_samples(out)[0]["json"])
-    assert meta == {"sample_id": 7, "caption": "c", "tags": ["a", "b"], "meta": {"w": 3},
-                    "when": "1970-01-01 00:00:00"}
+    assert meta == {
+        "sample_id": 7,
+        "caption": "c",
+        "tags": ["a", "b"],
+        "meta": {"w": 3},
+        "when": "1970-01-01 00:00:00",
+    }
 
 
 def test_directories_and_globs_expand_in_sorted_order(tmp_path: Path) -> None:
@@ -200,7 +255,9 @@ def test_directories_and_globs_expand_in_sorted_order(tmp_path: Path) -> None:
     factories.write_parquet(tmp_path / "in" / "a.parquet", factories.caption_rows(4))
     out = tmp_path / "out"
     _convert([tmp_path / "in"], out)
-    assert read_manifest(out)["inputs"] == [str(tmp_path / "in" / n) for n in ("a.parquet", "b.parquet", "sub/a.parquet")]
+    assert read_manifest(out)["inputs"] == [
+        str(tmp_path / "in" / n) for n in ("a.parquet", "b.parquet", "sub/a.parquet")
+    ]
     out2 = tmp_path / "out2"
     _convert([str(tmp_path / "in" / "*.parquet")], out2)
     assert read_manifest(out2)["rows_read"] == 7
@@ -240,7 +297,9 @@ def test_webdataset_reads_the_shards(mixed_parquet: Path, tmp_path: Path) -> Non
     dataset = wds.WebDataset(urls, shardshuffle=False).decode("pil")
     seen = 0
     for sample in dataset:
-        image_key = next(k for k in sample if k not in ("__key__", "__url__", "__local_path__", "txt", "json"))
+        image_key = next(
+            k for k in sample if k not in ("__key__", "__url__", "__local_path__", "txt", "json")
+        )
         sample[image_key].load() if hasattr(sample[image_key], "load") else None
         assert isinstance(sample["txt"], str) and isinstance(sample["json"], dict)
         seen += 1

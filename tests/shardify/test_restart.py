@@ -22,8 +22,11 @@ def slow_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
     distinct = [factories.jpeg(320, 240, seed=s) for s in range(40)]
     for part in range(2):
         rows = [
-            {"sample_id": f"p{part}-{i}", "caption": f"caption {part} {i}",
-             "image_bytes": b"not an image" if i % 97 == 5 else distinct[i % len(distinct)]}
+            {
+                "sample_id": f"p{part}-{i}",
+                "caption": f"caption {part} {i}",
+                "image_bytes": b"not an image" if i % 97 == 5 else distinct[i % len(distinct)],
+            }
             for i in range(1500)
         ]
         factories.write_parquet(folder / f"part-{part}.parquet", rows, row_group_size=100)
@@ -31,8 +34,20 @@ def slow_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _command(source: Path, out: Path, workers: int) -> list[str]:
-    return [sys.executable, "-m", "shardify", "parquet-to-tar", str(source), "-o", str(out),
-            "--max-samples-per-shard", "150", "--workers", str(workers), "--quiet"]
+    return [
+        sys.executable,
+        "-m",
+        "shardify",
+        "parquet-to-tar",
+        str(source),
+        "-o",
+        str(out),
+        "--max-samples-per-shard",
+        "150",
+        "--workers",
+        str(workers),
+        "--quiet",
+    ]
 
 
 def _assert_only_complete_shards_visible(out: Path) -> int:
@@ -53,7 +68,9 @@ def test_killed_conversion_resumes_to_identical_output(slow_input: Path, tmp_pat
     progress = []
     resumed = 0
     for attempt in range(4):
-        process = subprocess.Popen(_command(slow_input, out, 1 + attempt % 2), stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            _command(slow_input, out, 1 + attempt % 2), stderr=subprocess.PIPE, text=True
+        )
         time.sleep(rng.uniform(1.2, 2.5))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
