@@ -303,8 +303,11 @@ def convert(
         sequence = ShardSequence(
             output, state, options.prefix, options.max_samples_per_shard, options.max_shard_bytes
         )
-        media_bytes = _run(inputs, state, schema, options, sequence, on_rows)
-        sequence.commit(len(inputs), 0)
+        try:
+            media_bytes = _run(inputs, state, schema, options, sequence, on_rows)
+            sequence.commit(len(inputs), 0)
+        finally:
+            sequence.close()
         manifest = _finish(output, sequence.committed, inputs, schema, options, fingerprint, total_rows)
     finally:
         output.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from shardify.format import ShardEntry, shard_name
@@ -73,23 +74,12 @@ class ShardSequence:
         self._media: Counter[str] = Counter()
         self._shard: TarShard | None = None
         self._skip_handle = None
-        self._skip_lines = 0
-
-    @property
-    def rows_read(self) -> int:
-        return self.committed.rows_read + self._rows
-
-    @property
-    def samples_written(self) -> int:
-        return self.committed.samples_written + self._samples
-
-    @property
-    def skipped_by_reason(self) -> Counter[str]:
-        return Counter(self.committed.skipped_by_reason) + self._skips
+        self._publisher = ThreadPoolExecutor(1, thread_name_prefix="shardify-publish")
+        self._publishing: Future[None] | None = None
 
     def _open_shard(self) -> TarShard:
         name = shard_name(self.prefix, len(self.committed.shards)) + ".partial"
-        self._shard = TarShard(open(self.output.scratch_path(name), "wb"))
+        self._shard = TarShard(self.output.scratch_path(name))
         return self._shard
 
     def add_sample(self, source: int, row: int, key: str, members: list[tuple[str, bytes]]) -> None:
@@ -117,18 +107,23 @@ class ShardSequence:
         self._rows += 1
 
     def commit(self, next_source: int, next_row: int) -> None:
-        """Publish the open shard and skip segment; record ``(next_source, next_row)`` as resume point."""
+        """Close the open shard and skip segment; record ``(next_source, next_row)`` as resume point.
+
+        Publishing (fsync + rename, or the S3 upload) and the journal write run on one background
+        thread, in commit order, so this thread goes on filling the next shard meanwhile.
+        """
         progress = self.committed
+        files = []
         if self._skip_handle is not None:
             self._skip_handle.close()
             self._skip_handle = None
             segment = f"skipped-{len(progress.skip_segments):06d}.jsonl"
-            self.output.publish(segment + ".partial", f"{WORK_DIR}/{segment}")
+            files.append((segment + ".partial", f"{WORK_DIR}/{segment}"))
             progress.skip_segments.append(segment)
         if self._shard is not None:
             name = shard_name(self.prefix, len(progress.shards))
             size = self._shard.finish()
-            self.output.publish(name + ".partial", name)
+            files.append((name + ".partial", name))
             progress.shards.append(ShardEntry(name=name, samples=self._shard.samples, bytes=size))
             self._shard = None
         progress.source, progress.row = next_source, next_row
@@ -139,7 +134,26 @@ class ShardSequence:
         self._rows = self._samples = 0
         self._skips.clear()
         self._media.clear()
-        self.output.write_text(PROGRESS_NAME, progress.to_json())
+        self._wait_for_publisher()
+        self._publishing = self._publisher.submit(self._publish, files, progress.to_json())
+
+    def _publish(self, files: list[tuple[str, str]], journal: str) -> None:
+        for scratch, final in files:
+            self.output.publish(scratch, final)
+        self.output.write_text(PROGRESS_NAME, journal)
+
+    def _wait_for_publisher(self) -> None:
+        """Surface any error of the previous publish (a full disk, a failed upload) here."""
+        if self._publishing is not None:
+            self._publishing.result()
+            self._publishing = None
+
+    def close(self) -> None:
+        """Wait until everything committed is published."""
+        try:
+            self._wait_for_publisher()
+        finally:
+            self._publisher.shutdown(wait=True)
 
 
 def write_skipped_log(output: Output, progress: Progress, name: str) -> None:

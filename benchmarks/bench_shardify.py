@@ -1,0 +1,306 @@
+"""Benchmark of shardify parquet-to-tar against its baselines, measured in one run.
+
+Makes its own Pixmo-like input (photo-like ~1000px JPEGs, a few % corrupt), then reports:
+- the pure image-check rate (the checks alone on bytes in memory, no I/O, one thread);
+- shardify with 1 and 2 workers (rows/s, MB/s, peak RSS), as ratios to the check rate;
+- a raw-copy baseline (pyarrow batches -> tarfile, no checks): the cost of checking;
+- peak RSS on an input 3x larger, to show memory does not grow with input size;
+- three image checks (Image.verify, reduced-scale JPEG decode, full decode) on a corruption
+  suite: what each catches against what a loader's full decode would fail on, and its speed.
+
+Every measurement runs in a fresh child process so its peak RSS is its own.
+
+    python benchmarks/bench_shardify.py [--rows 3000] [--big-factor 3] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from shardify.checks import check_image  # noqa: E402
+from shardify.convert import ConvertOptions, check_media, convert  # noqa: E402
+
+DISTINCT_IMAGES = 96
+CORRUPT_FRACTION = 0.03
+
+
+def pixmo_photo(seed: int, width: int = 1024, height: int = 768) -> bytes:
+    """A photo-like JPEG (~1000px, textured like a real photo so entropy decoding costs the same)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.zeros((height, width, 3), np.float32)
+    for _ in range(6):
+        fx, fy, phase = rng.uniform(0.002, 0.05, 2).tolist() + [rng.uniform(0, 6.28)]
+        image += rng.uniform(20, 50, 3) * np.sin(x * fx + y * fy + phase)[..., None]
+    image += 120 + rng.normal(0, 9, (height, width, 3))
+    out = io.BytesIO()
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=88)
+    return out.getvalue()
+
+
+def corrupt(data: bytes, rng: random.Random) -> bytes:
+    kind = rng.choice(["truncate", "junk", "empty_tail"])
+    if kind == "truncate":
+        return data[: rng.randint(200, len(data) - 100)]
+    if kind == "junk":
+        return b"<html>403 Forbidden</html>" * rng.randint(1, 50)
+    return data[: len(data) // 3] + bytes(2000)
+
+
+def make_input(path: Path, rows: int, distinct: list[bytes], seed: int = 0) -> tuple[int, int]:
+    """Write a Pixmo-shaped caption parquet; returns (rows, corrupt rows)."""
+    rng = random.Random(seed)
+    writer = None
+    bad = 0
+    for start in range(0, rows, 256):
+        count = min(256, rows - start)
+        images = []
+        for _ in range(count):
+            data = distinct[rng.randrange(len(distinct))]
+            if rng.random() < CORRUPT_FRACTION:
+                data, bad = corrupt(data, rng), bad + 1
+            images.append(data)
+        table = pa.table({
+            "sample_id": [f"pixmo-{start + i:08d}" for i in range(count)],
+            "caption": [f"A detailed caption of photograph {start + i} " * 8 for i in range(count)],
+            "image_bytes": pa.array(images, pa.binary()),
+        })
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table, row_group_size=128)
+    assert writer is not None
+    writer.close()
+    return rows, bad
+
+
+# ---------------------------------------------------------------- child-process measurements
+
+
+def child_check(source: str, limit: int) -> dict:
+    images = pq.read_table(source, columns=["image_bytes"]).column("image_bytes").to_pylist()[:limit]
+    started = time.perf_counter()
+    check_media(images, None, 89_478_485, False)
+    seconds = time.perf_counter() - started
+    return {"rows": len(images), "seconds": seconds, "media_bytes": sum(len(b) for b in images)}
+
+
+def child_convert(source: str, workers: int, out: str) -> dict:
+    started = time.perf_counter()
+    result = convert([source], ConvertOptions(output=out, workers=workers, max_samples_per_shard=500))
+    seconds = time.perf_counter() - started
+    return {"rows": result.rows_this_run, "seconds": seconds, "media_bytes": result.media_bytes_this_run,
+            "written": result.manifest.samples_written}
+
+
+def child_rawcopy(source: str, out: str) -> dict:
+    """The floor: read the same batches and write every row to tar members, checking nothing."""
+    started = time.perf_counter()
+    rows = media = 0
+    parquet = pq.ParquetFile(source)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with tarfile.open(Path(out) / "raw-000000.tar", "w") as tar:
+        for batch in parquet.iter_batches(batch_size=32):
+            ids = batch.column("sample_id").to_pylist()
+            captions = batch.column("caption").to_pylist()
+            for sid, caption, image in zip(ids, captions, batch.column("image_bytes").to_pylist(), strict=True):
+                for ext, payload in (("jpg", image), ("txt", caption.encode()),
+                                     ("json", json.dumps({"sample_id": sid, "caption": caption}).encode())):
+                    info = tarfile.TarInfo(f"{sid}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+                rows += 1
+                media += len(image)
+    return {"rows": rows, "seconds": time.perf_counter() - started, "media_bytes": media}
+
+
+def child_variants(source: str, limit: int) -> dict:
+    """Speed of three checks on valid images, and their verdicts on a corruption suite."""
+    images = pq.read_table(source, columns=["image_bytes"]).column("image_bytes").to_pylist()
+    valid = [b for b in images if check_image(b, full_decode=True).ok][:limit]
+    rng = random.Random(7)
+    suite = []
+    for data in valid[:40]:
+        cut = rng.randint(300, len(data) - 2)
+        suite.append(data[:cut])  # truncated anywhere
+        flipped = bytearray(data)
+        for _ in range(rng.randint(1, 40)):
+            flipped[rng.randint(700, len(data) - 3)] = rng.randrange(256)
+        suite.append(bytes(flipped))  # bit rot in the entropy-coded data
+        start = rng.randint(700, len(data) - 5000)
+        suite.append(data[:start] + bytes(4096) + data[start + 4096 :])  # a zeroed disk block
+        suite.append(data[:600] + os.urandom(len(data) - 600))  # a scrambled payload
+
+    def loader_fails(data: bytes) -> bool:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.convert("RGB").load()
+        except Exception:
+            return True
+        return False
+
+    def verify_only(data: bytes) -> bool:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.verify()
+        except Exception:
+            return False
+        return True
+
+    checks = {
+        "Image.verify (no decode)": verify_only,
+        "reduced-scale JPEG decode (shardify)": lambda d: check_image(d).ok,
+        "full decode": lambda d: check_image(d, full_decode=True).ok,
+    }
+    truth = [loader_fails(d) for d in suite]
+    report = {"suite": len(suite), "loader_failures": sum(truth), "variants": {}}
+    for name, accepts in checks.items():
+        started = time.perf_counter()
+        for data in valid:
+            accepts(data)
+        rate = len(valid) / (time.perf_counter() - started)
+        verdicts = [not accepts(d) for d in suite]
+        report["variants"][name] = {
+            "images_per_s": rate,
+            "caught": sum(v and t for v, t in zip(verdicts, truth, strict=True)),
+            "missed": sum(t and not v for v, t in zip(verdicts, truth, strict=True)),
+            "rejected_loadable": sum(v and not t for v, t in zip(verdicts, truth, strict=True)),
+        }
+    return report
+
+
+def run_child(*args: str) -> dict:
+    """Run one measurement in a fresh interpreter; returns its JSON result plus its peak RSS."""
+    process = subprocess.Popen([sys.executable, __file__, "_child", *args], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    output = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"benchmark child {args} failed with exit code {process.returncode}")
+    result = json.loads(output.strip().splitlines()[-1])
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    return result
+
+
+def child_main(argv: list[str]) -> None:
+    mode, *rest = argv
+    if mode == "check":
+        result = child_check(rest[0], int(rest[1]))
+    elif mode == "convert":
+        result = child_convert(rest[0], int(rest[1]), rest[2])
+    elif mode == "rawcopy":
+        result = child_rawcopy(rest[0], rest[1])
+    else:
+        result = child_variants(rest[0], int(rest[1]))
+    print(json.dumps(result))
+
+
+# ---------------------------------------------------------------- the report
+
+
+def best_of(repeats: int, *args: str) -> dict:
+    runs = [run_child(*args) for _ in range(repeats)]
+    best = min(runs, key=lambda r: r["seconds"])
+    best["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=3000, help="rows in the main input (default: %(default)s)")
+    parser.add_argument("--big-factor", type=int, default=3,
+                        help="the memory run uses an input this many times larger (0 skips it)")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per measurement; the fastest counts")
+    parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-shardify-") as scratch:
+        work = Path(scratch)
+        print(f"making {DISTINCT_IMAGES} distinct 1024x768 photos ...", file=sys.stderr)
+        distinct = [pixmo_photo(seed) for seed in range(DISTINCT_IMAGES)]
+        source = work / "pixmo.parquet"
+        rows, bad = make_input(source, args.rows, distinct)
+        size_mb = source.stat().st_size / 1e6
+        print(f"input: {rows} rows, {bad} corrupt, {size_mb:.0f} MB", file=sys.stderr)
+
+        results: dict = {"input": {"rows": rows, "corrupt": bad, "mb": size_mb,
+                                   "mean_image_kb": sum(map(len, distinct)) / len(distinct) / 1e3},
+                         "cpus": os.cpu_count()}
+        results["check"] = best_of(args.repeats, "check", str(source), str(min(rows, 1000)))
+        results["rawcopy"] = best_of(args.repeats, "rawcopy", str(source), str(work / "raw"))
+        for workers in (1, 2):
+            results[f"shardify_{workers}w"] = best_of(
+                args.repeats, "convert", str(source), str(workers), str(work / f"out-{workers}-{time.time_ns()}")
+            )
+        if args.big_factor:
+            big = work / "pixmo-big.parquet"
+            big_rows, _ = make_input(big, rows * args.big_factor, distinct, seed=1)
+            source.unlink()
+            results["big"] = run_child("convert", str(big), "2", str(work / "out-big"))
+            results["big"]["mb"] = big.stat().st_size / 1e6
+        results["variants"] = run_child("variants", str(work / "pixmo-big.parquet" if args.big_factor else source),
+                                        "150")
+    report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def report(r: dict) -> None:
+    def rate(m: dict) -> float:
+        return m["rows"] / m["seconds"]
+
+    def mbs(m: dict) -> float:
+        return m["media_bytes"] / m["seconds"] / 1e6
+
+    check = rate(r["check"])
+    one, two, raw = rate(r["shardify_1w"]), rate(r["shardify_2w"]), rate(r["rawcopy"])
+    i = r["input"]
+    print(f"\n## shardify benchmark ({i['rows']} rows, {i['corrupt']} corrupt, {i['mb']:.0f} MB input, "
+          f"mean JPEG {i['mean_image_kb']:.0f} KB, {r['cpus']} CPUs)\n")
+    print("| run | rows/s | MB/s | peak RSS MB | ratio |")
+    print("|---|---:|---:|---:|---|")
+    rows = [
+        ("pure image check (1 thread, in memory)", r["check"], "1.00x check"),
+        ("shardify --workers 1", r["shardify_1w"], f"{one / check:.2f}x check (goal >= 0.9)"),
+        ("shardify --workers 2", r["shardify_2w"], f"{two / one:.2f}x workers=1 (goal >= 1.8); "
+                                                   f"{two / check:.2f}x check"),
+        ("raw copy, no checks (pyarrow -> tarfile)", r["rawcopy"], f"shardify 1w runs at {one / raw:.2f}x of it"),
+    ]
+    for label, m, ratio in rows:
+        print(f"| {label} | {rate(m):,.0f} | {mbs(m):,.0f} | {m['peak_rss_mb']:,.0f} | {ratio} |")
+    if "big" in r:
+        b = r["big"]
+        print(f"\nmemory: a {b['mb']:,.0f} MB input converted with 2 workers at {rate(b):,.0f} rows/s, peak RSS "
+              f"{b['peak_rss_mb']:,.0f} MB (the {i['mb']:,.0f} MB input: {r['shardify_2w']['peak_rss_mb']:,.0f} MB)")
+    v = r["variants"]
+    print(f"\ncheck variants on a corruption suite of {v['suite']} damaged JPEGs "
+          f"({v['loader_failures']} of which a loader's full decode fails on):\n")
+    print("| check | valid images/s | caught | missed | rejected but loadable |")
+    print("|---|---:|---:|---:|---:|")
+    for name, m in v["variants"].items():
+        print(f"| {name} | {m['images_per_s']:,.0f} | {m['caught']} | {m['missed']} | {m['rejected_loadable']} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        child_main(sys.argv[2:])
+    else:
+        main()
