@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # streamtrain launcher.
-#   ./launch.sh setup           create .venv from requirements.lock (done automatically when missing)
+#   ./launch.sh sample          convert the bundled Pixmo-shaped sample into shards under runs/sample/
 #   ./launch.sh test [ARGS]     run the test suite (pytest ARGS)
 #   ./launch.sh shardify ARGS   run the converter inside the project environment
+#   ./launch.sh setup           create .venv from requirements.lock (done automatically when missing)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 ROOT=$PWD
@@ -39,6 +40,11 @@ case "$cmd" in
   setup)
     setup_env
     ;;
+  sample)
+    setup_env
+    exec "$VENV/bin/shardify" parquet-to-tar sample/pixmo_digits_caption.parquet \
+      --output runs/sample/shards --max-samples-per-shard 500 "$@"
+    ;;
   test)
     setup_env
     exec "$VENV/bin/python" -m pytest "$@"
@@ -48,10 +54,10 @@ case "$cmd" in
     exec "$VENV/bin/shardify" "$@"
     ;;
   help|-h|--help)
-    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *)
-    echo "launch.sh: unknown command '$cmd' (try: setup, test, shardify)" >&2
+    echo "launch.sh: unknown command '$cmd' (try: sample, test, shardify, setup)" >&2
     exit 2
     ;;
 esac

@@ -20,6 +20,7 @@ import io
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -48,7 +49,7 @@ def pixmo_photo(seed: int, width: int = 1024, height: int = 768) -> bytes:
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     image = np.zeros((height, width, 3), np.float32)
     for _ in range(6):
-        fx, fy, phase = rng.uniform(0.002, 0.05, 2).tolist() + [rng.uniform(0, 6.28)]
+        fx, fy, phase = [*rng.uniform(0.002, 0.05, 2).tolist(), rng.uniform(0, 6.28)]
         image += rng.uniform(20, 50, 3) * np.sin(x * fx + y * fy + phase)[..., None]
     image += 120 + rng.normal(0, 9, (height, width, 3))
     out = io.BytesIO()
@@ -78,12 +79,15 @@ def make_input(path: Path, rows: int, distinct: list[bytes], seed: int = 0) -> t
             if rng.random() < CORRUPT_FRACTION:
                 data, bad = corrupt(data, rng), bad + 1
             images.append(data)
-        table = pa.table({
-            "sample_id": [f"pixmo-{start + i:08d}" for i in range(count)],
-            "caption": [f"A detailed caption of photograph {start + i} " * 8 for i in range(count)],
-            "image_bytes": pa.array(images, pa.binary()),
-        })
-        writer = writer or pq.ParquetWriter(path, table.schema)
+        table = pa.table(
+            {
+                "sample_id": [f"pixmo-{start + i:08d}" for i in range(count)],
+                "caption": [f"A detailed caption of photograph {start + i} " * 8 for i in range(count)],
+                "image_bytes": pa.array(images, pa.binary()),
+            }
+        )
+        # No dictionary encoding: the few distinct photos would otherwise be stored once each.
+        writer = writer or pq.ParquetWriter(path, table.schema, use_dictionary=["sample_id", "caption"])
         writer.write_table(table, row_group_size=128)
     assert writer is not None
     writer.close()
@@ -101,33 +105,49 @@ def child_check(source: str, limit: int) -> dict:
     return {"rows": len(images), "seconds": seconds, "media_bytes": sum(len(b) for b in images)}
 
 
-def child_convert(source: str, workers: int, out: str) -> dict:
+def child_convert(source: str, workers: int, scratch: str) -> dict:
+    out = tempfile.mkdtemp(dir=scratch, prefix="shards-")
     started = time.perf_counter()
     result = convert([source], ConvertOptions(output=out, workers=workers, max_samples_per_shard=500))
     seconds = time.perf_counter() - started
-    return {"rows": result.rows_this_run, "seconds": seconds, "media_bytes": result.media_bytes_this_run,
-            "written": result.manifest.samples_written}
+    shutil.rmtree(out)
+    return {
+        "rows": result.rows_this_run,
+        "seconds": seconds,
+        "media_bytes": result.media_bytes_this_run,
+        "written": result.manifest.samples_written,
+    }
 
 
-def child_rawcopy(source: str, out: str) -> dict:
+def child_rawcopy(source: str, scratch: str) -> dict:
     """The floor: read the same batches and write every row to tar members, checking nothing."""
+    out = tempfile.mkdtemp(dir=scratch, prefix="raw-")
     started = time.perf_counter()
     rows = media = 0
-    parquet = pq.ParquetFile(source)
+    parquet = pq.ParquetFile(source, pre_buffer=False)  # as shardify reads it: streamed
     Path(out).mkdir(parents=True, exist_ok=True)
     with tarfile.open(Path(out) / "raw-000000.tar", "w") as tar:
         for batch in parquet.iter_batches(batch_size=32):
             ids = batch.column("sample_id").to_pylist()
             captions = batch.column("caption").to_pylist()
-            for sid, caption, image in zip(ids, captions, batch.column("image_bytes").to_pylist(), strict=True):
-                for ext, payload in (("jpg", image), ("txt", caption.encode()),
-                                     ("json", json.dumps({"sample_id": sid, "caption": caption}).encode())):
+            for sid, caption, image in zip(
+                ids, captions, batch.column("image_bytes").to_pylist(), strict=True
+            ):
+                for ext, payload in (
+                    ("jpg", image),
+                    ("txt", caption.encode()),
+                    ("json", json.dumps({"sample_id": sid, "caption": caption}).encode()),
+                ):
                     info = tarfile.TarInfo(f"{sid}.{ext}")
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
                 rows += 1
                 media += len(image)
-    return {"rows": rows, "seconds": time.perf_counter() - started, "media_bytes": media}
+        tar.fileobj.flush()
+        os.fsync(tar.fileobj.fileno())
+    seconds = time.perf_counter() - started
+    shutil.rmtree(out)
+    return {"rows": rows, "seconds": seconds, "media_bytes": media}
 
 
 def child_variants(source: str, limit: int) -> dict:
@@ -223,10 +243,18 @@ def best_of(repeats: int, *args: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=3000, help="rows in the main input (default: %(default)s)")
-    parser.add_argument("--big-factor", type=int, default=3,
-                        help="the memory run uses an input this many times larger (0 skips it)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--rows", type=int, default=3000, help="rows in the main input (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--big-factor",
+        type=int,
+        default=3,
+        help="the memory run uses an input this many times larger (0 skips it)",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="runs per measurement; the fastest counts")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
@@ -241,26 +269,33 @@ def main() -> None:
         size_mb = source.stat().st_size / 1e6
         print(f"input: {rows} rows, {bad} corrupt, {size_mb:.0f} MB", file=sys.stderr)
 
-        results: dict = {"input": {"rows": rows, "corrupt": bad, "mb": size_mb,
-                                   "mean_image_kb": sum(map(len, distinct)) / len(distinct) / 1e3},
-                         "cpus": os.cpu_count()}
+        results: dict = {
+            "input": {
+                "rows": rows,
+                "corrupt": bad,
+                "mb": size_mb,
+                "mean_image_kb": sum(map(len, distinct)) / len(distinct) / 1e3,
+            },
+            "cpus": os.cpu_count(),
+        }
         results["check"] = best_of(args.repeats, "check", str(source), str(min(rows, 1000)))
-        results["rawcopy"] = best_of(args.repeats, "rawcopy", str(source), str(work / "raw"))
+        results["rawcopy"] = best_of(args.repeats, "rawcopy", str(source), str(work))
         for workers in (1, 2):
             results[f"shardify_{workers}w"] = best_of(
-                args.repeats, "convert", str(source), str(workers), str(work / f"out-{workers}-{time.time_ns()}")
+                args.repeats, "convert", str(source), str(workers), str(work)
             )
         if args.big_factor:
             big = work / "pixmo-big.parquet"
-            big_rows, _ = make_input(big, rows * args.big_factor, distinct, seed=1)
+            make_input(big, rows * args.big_factor, distinct, seed=1)
             source.unlink()
-            results["big"] = run_child("convert", str(big), "2", str(work / "out-big"))
+            results["big"] = run_child("convert", str(big), "2", str(work))
             results["big"]["mb"] = big.stat().st_size / 1e6
-        results["variants"] = run_child("variants", str(work / "pixmo-big.parquet" if args.big_factor else source),
-                                        "150")
-    report(results)
+        results["variants"] = run_child(
+            "variants", str(work / "pixmo-big.parquet" if args.big_factor else source), "150"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    report(results)
 
 
 def report(r: dict) -> None:
@@ -273,30 +308,47 @@ def report(r: dict) -> None:
     check = rate(r["check"])
     one, two, raw = rate(r["shardify_1w"]), rate(r["shardify_2w"]), rate(r["rawcopy"])
     i = r["input"]
-    print(f"\n## shardify benchmark ({i['rows']} rows, {i['corrupt']} corrupt, {i['mb']:.0f} MB input, "
-          f"mean JPEG {i['mean_image_kb']:.0f} KB, {r['cpus']} CPUs)\n")
+    print(
+        f"\n## shardify benchmark ({i['rows']} rows, {i['corrupt']} corrupt, {i['mb']:.0f} MB input, "
+        f"mean JPEG {i['mean_image_kb']:.0f} KB, {r['cpus']} CPUs)\n"
+    )
     print("| run | rows/s | MB/s | peak RSS MB | ratio |")
     print("|---|---:|---:|---:|---|")
     rows = [
         ("pure image check (1 thread, in memory)", r["check"], "1.00x check"),
         ("shardify --workers 1", r["shardify_1w"], f"{one / check:.2f}x check (goal >= 0.9)"),
-        ("shardify --workers 2", r["shardify_2w"], f"{two / one:.2f}x workers=1 (goal >= 1.8); "
-                                                   f"{two / check:.2f}x check"),
-        ("raw copy, no checks (pyarrow -> tarfile)", r["rawcopy"], f"shardify 1w runs at {one / raw:.2f}x of it"),
+        (
+            "shardify --workers 2",
+            r["shardify_2w"],
+            f"{two / one:.2f}x workers=1 (goal >= 1.8); {two / check:.2f}x check",
+        ),
+        (
+            "raw copy, no checks (pyarrow -> tarfile)",
+            r["rawcopy"],
+            f"shardify 1w runs at {one / raw:.2f}x of it",
+        ),
     ]
     for label, m, ratio in rows:
         print(f"| {label} | {rate(m):,.0f} | {mbs(m):,.0f} | {m['peak_rss_mb']:,.0f} | {ratio} |")
     if "big" in r:
         b = r["big"]
-        print(f"\nmemory: a {b['mb']:,.0f} MB input converted with 2 workers at {rate(b):,.0f} rows/s, peak RSS "
-              f"{b['peak_rss_mb']:,.0f} MB (the {i['mb']:,.0f} MB input: {r['shardify_2w']['peak_rss_mb']:,.0f} MB)")
+        print(
+            f"\nmemory: a {b['mb']:,.0f} MB input converted with 2 workers at {rate(b):,.0f} rows/s, "
+            f"peak RSS {b['peak_rss_mb']:,.0f} MB "
+            f"(the {i['mb']:,.0f} MB input: {r['shardify_2w']['peak_rss_mb']:,.0f} MB)"
+        )
     v = r["variants"]
-    print(f"\ncheck variants on a corruption suite of {v['suite']} damaged JPEGs "
-          f"({v['loader_failures']} of which a loader's full decode fails on):\n")
+    print(
+        f"\ncheck variants on a corruption suite of {v['suite']} damaged JPEGs "
+        f"({v['loader_failures']} of which a loader's full decode fails on):\n"
+    )
     print("| check | valid images/s | caught | missed | rejected but loadable |")
     print("|---|---:|---:|---:|---:|")
     for name, m in v["variants"].items():
-        print(f"| {name} | {m['images_per_s']:,.0f} | {m['caught']} | {m['missed']} | {m['rejected_loadable']} |")
+        print(
+            f"| {name} | {m['images_per_s']:,.0f} | {m['caught']} | {m['missed']} "
+            f"| {m['rejected_loadable']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 from typing import TextIO
 
@@ -157,7 +158,16 @@ class _ProgressBar:
                 f"shardify: resuming an interrupted conversion at row {done:,} of {total:,}", file=sys.stderr
             )
         if self.enabled:
-            self.bar = tqdm(total=total, initial=done, unit="rows", desc="converting", dynamic_ncols=True)
+            # A terminal that reports no size (some CI ptys) would get an empty bar from tqdm.
+            size = shutil.get_terminal_size(fallback=(100, 24))
+            self.bar = tqdm(
+                total=total,
+                initial=done,
+                unit="rows",
+                desc="converting",
+                ncols=size.columns or 100,
+                nrows=size.lines or 24,
+            )
 
     def rows(self, count: int) -> None:
         if self.bar is not None:

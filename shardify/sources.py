@@ -91,10 +91,12 @@ class ParquetInput:
     size: int
 
     def open(self) -> pq.ParquetFile:
+        # pre_buffer would read every requested row group up front: memory would grow with
+        # the file. Without it, pyarrow streams one row group's pages at a time.
         if not is_remote(self.url):
-            return pq.ParquetFile(self.url)  # arrow's own reader: large coalesced reads, no copies
+            return pq.ParquetFile(self.url, pre_buffer=False)
         fs, path = filesystem(self.url)
-        return pq.ParquetFile(fs.open(path, "rb"), buffer_size=1 << 20)
+        return pq.ParquetFile(fs.open(path, "rb"), buffer_size=1 << 20, pre_buffer=False)
 
     def iter_batches(self, start_row: int, batch_rows: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
         """Record batches from ``start_row`` on, reading only the row groups that hold them."""

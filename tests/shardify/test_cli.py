@@ -163,3 +163,30 @@ def test_console_script_is_installed(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert read_manifest(tmp_path / "o")["samples_written"] == 4
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    import os
+    import pty
+
+    source = factories.write_parquet(tmp_path / "in.parquet", factories.caption_rows(40))
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shardify", "parquet-to-tar", str(source), "-o", str(tmp_path / "o")],
+        stdout=subprocess.PIPE,
+        stderr=follower,
+        text=True,
+    )
+    os.close(follower)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the pty closes when the process exits
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    assert process.wait(timeout=120) == 0
+    os.close(leader)
+    assert b"converting" in terminal and b"rows/s" in terminal and b"40/40" in terminal
