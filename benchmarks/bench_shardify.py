@@ -98,22 +98,34 @@ def make_input(path: Path, rows: int, distinct: list[bytes], seed: int = 0) -> t
 
 
 def child_check(source: str, limit: int) -> dict:
-    images = pq.read_table(source, columns=["image_bytes"]).column("image_bytes").to_pylist()[:limit]
-    started = time.perf_counter()
+    images: list[bytes] = []
+    for batch in pq.ParquetFile(source, pre_buffer=False).iter_batches(
+        batch_size=128, columns=["image_bytes"]
+    ):
+        images.extend(batch.column("image_bytes").to_pylist()[: limit - len(images)])
+        if len(images) >= limit:
+            break
+    started, cpu = time.perf_counter(), time.process_time()
     check_media(images, None, 89_478_485, False)
-    seconds = time.perf_counter() - started
-    return {"rows": len(images), "seconds": seconds, "media_bytes": sum(len(b) for b in images)}
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    return {
+        "rows": len(images),
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "media_bytes": sum(len(b) for b in images),
+    }
 
 
 def child_convert(source: str, workers: int, scratch: str) -> dict:
     out = tempfile.mkdtemp(dir=scratch, prefix="shards-")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     result = convert([source], ConvertOptions(output=out, workers=workers, max_samples_per_shard=500))
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     shutil.rmtree(out)
     return {
         "rows": result.rows_this_run,
         "seconds": seconds,
+        "cpu_seconds": cpu,
         "media_bytes": result.media_bytes_this_run,
         "written": result.manifest.samples_written,
     }
@@ -122,7 +134,7 @@ def child_convert(source: str, workers: int, scratch: str) -> dict:
 def child_rawcopy(source: str, scratch: str) -> dict:
     """The floor: read the same batches and write every row to tar members, checking nothing."""
     out = tempfile.mkdtemp(dir=scratch, prefix="raw-")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     rows = media = 0
     parquet = pq.ParquetFile(source, pre_buffer=False)  # as shardify reads it: streamed
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -145,9 +157,9 @@ def child_rawcopy(source: str, scratch: str) -> dict:
                 media += len(image)
         tar.fileobj.flush()
         os.fsync(tar.fileobj.fileno())
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     shutil.rmtree(out)
-    return {"rows": rows, "seconds": seconds, "media_bytes": media}
+    return {"rows": rows, "seconds": seconds, "cpu_seconds": cpu, "media_bytes": media}
 
 
 def child_variants(source: str, limit: int) -> dict:
@@ -206,17 +218,19 @@ def child_variants(source: str, limit: int) -> dict:
 
 
 def run_child(*args: str) -> dict:
-    """Run one measurement in a fresh interpreter; returns its JSON result plus its peak RSS."""
-    process = subprocess.Popen([sys.executable, __file__, "_child", *args], stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+    """Run one measurement in a fresh interpreter; returns its JSON result, with its peak RSS."""
+    process = subprocess.run([sys.executable, __file__, "_child", *args], stdout=subprocess.PIPE, text=True)
     if process.returncode != 0:
         raise SystemExit(f"benchmark child {args} failed with exit code {process.returncode}")
-    result = json.loads(output.strip().splitlines()[-1])
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
-    return result
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mb() -> float:
+    """This process's own high-water RSS (VmHWM; getrusage would include the forking parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def child_main(argv: list[str]) -> None:
@@ -229,6 +243,7 @@ def child_main(argv: list[str]) -> None:
         result = child_rawcopy(rest[0], rest[1])
     else:
         result = child_variants(rest[0], int(rest[1]))
+    result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
 
@@ -312,8 +327,8 @@ def report(r: dict) -> None:
         f"\n## shardify benchmark ({i['rows']} rows, {i['corrupt']} corrupt, {i['mb']:.0f} MB input, "
         f"mean JPEG {i['mean_image_kb']:.0f} KB, {r['cpus']} CPUs)\n"
     )
-    print("| run | rows/s | MB/s | peak RSS MB | ratio |")
-    print("|---|---:|---:|---:|---|")
+    print("| run | rows/s | MB/s | CPU ms/row | peak RSS MB | ratio |")
+    print("|---|---:|---:|---:|---:|---|")
     rows = [
         ("pure image check (1 thread, in memory)", r["check"], "1.00x check"),
         ("shardify --workers 1", r["shardify_1w"], f"{one / check:.2f}x check (goal >= 0.9)"),
@@ -329,7 +344,10 @@ def report(r: dict) -> None:
         ),
     ]
     for label, m, ratio in rows:
-        print(f"| {label} | {rate(m):,.0f} | {mbs(m):,.0f} | {m['peak_rss_mb']:,.0f} | {ratio} |")
+        cpu_ms = 1000 * m["cpu_seconds"] / m["rows"]
+        print(
+            f"| {label} | {rate(m):,.0f} | {mbs(m):,.0f} | {cpu_ms:.2f} | {m['peak_rss_mb']:,.0f} | {ratio} |"
+        )
     if "big" in r:
         b = r["big"]
         print(
