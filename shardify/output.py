@@ -13,7 +13,8 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 
-from shardify.sources import InputError, filesystem, is_remote, join
+from shardify.format import filesystem, is_remote, join
+from shardify.sources import InputError
 
 WORK_DIR = ".shardify"
 

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import glob
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shardify.format import SCHEMAS
+from shardify.format import SCHEMAS, filesystem, is_remote
 
 IMAGE_COLUMN = "image_bytes"
 AUDIO_COLUMN = "audio_bytes"
@@ -22,31 +20,6 @@ TEXT_COLUMNS = {"caption": ("caption",), "qa": ("question", "answer")}
 
 class InputError(Exception):
     """A problem with what the user asked for; reported as a message, never a traceback."""
-
-
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
-def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``url`` and the path inside it.
-
-    S3 uses the standard AWS environment (credentials, profile, region); an S3-compatible store
-    is named with ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``.
-    """
-    if url.startswith("s3://"):
-        options: dict[str, Any] = {}
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            options["client_kwargs"] = {"endpoint_url": endpoint}
-        fs = fsspec.filesystem("s3", **options)
-        return fs, url[len("s3://") :]
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
-
-
-def join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name
 
 
 def _protocol_url(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
