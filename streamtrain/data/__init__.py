@@ -1,0 +1,1 @@
+"""Data pipeline: shard lists, streaming, per-sample transforms and batch collation."""
