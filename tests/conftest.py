@@ -24,9 +24,17 @@ def s3_env(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> Iterator[Se
     """The AWS environment pointing at the loopback server, for this process and its children."""
     for name, value in s3_server.environment().items():
         monkeypatch.setenv(name, value)
-    fsspec.AbstractFileSystem.clear_instance_cache()
+    _clear_filesystem_caches()
     yield s3_server
+    _clear_filesystem_caches()
+
+
+def _clear_filesystem_caches() -> None:
+    """Forget cached filesystem instances (each fsspec class keeps its own instance cache)."""
+    import s3fs
+
     fsspec.AbstractFileSystem.clear_instance_cache()
+    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture

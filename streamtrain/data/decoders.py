@@ -1,0 +1,108 @@
+"""Per-sample decoders: a raw shard sample (member bytes) -> the tensors and text a phase needs.
+
+A decoder is called in a loader worker as ``decoder(raw, rng)``, where ``rng`` is seeded by the
+batch's identity (so text dropout, like the image augmentations, is the same after a resume).
+It raises on bytes it cannot use; the stream skips and counts that sample.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from shardify.format import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS
+from streamtrain.data.transforms import (
+    AudioConfig,
+    decode_image,
+    drop_text,
+    log_mel,
+    tokenize_qa,
+    vision_transform,
+)
+
+_IMAGE_EXTENSIONS = (*dict.fromkeys(IMAGE_EXTENSIONS.values()), "jpeg")
+_AUDIO_EXTENSIONS = tuple(dict.fromkeys(AUDIO_EXTENSIONS.values()))
+
+
+def _first_member(raw: dict[str, Any], extensions: tuple[str, ...]) -> bytes | None:
+    for extension in extensions:
+        if extension in raw:
+            return raw[extension]
+    return None
+
+
+def _metadata(raw: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(raw["json"]) if "json" in raw else {}
+
+
+def sample_id(raw: dict[str, Any], metadata: dict[str, Any]) -> str:
+    """The row's original sample_id (shardify keeps it in .json), else the tar key."""
+    original = metadata.get("sample_id")
+    return str(original) if original is not None else raw["__key__"]
+
+
+@dataclass
+class CaptionDecoder:
+    """Image and/or audio with a caption, for contrastive alignment."""
+
+    image_size: int = 224
+    train: bool = True
+    text_dropout_prob: float = 0.0
+    audio: AudioConfig | None = None
+    """Decode audio members to log-mel when set; images are always decoded when present."""
+    _vision: Any = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._vision = vision_transform(self.image_size, train=self.train)
+
+    def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        metadata = _metadata(raw)
+        text = raw["txt"].decode("utf-8") if "txt" in raw else str(metadata.get("caption", ""))
+        if self.train and self.text_dropout_prob:
+            text = drop_text(text, self.text_dropout_prob, rng)
+        sample: dict[str, Any] = {"sample_id": sample_id(raw, metadata), "text": text}
+        image = _first_member(raw, _IMAGE_EXTENSIONS)
+        if image is not None:
+            sample["image"] = self._vision(decode_image(image, self.image_size))
+        audio = _first_member(raw, _AUDIO_EXTENSIONS) if self.audio is not None else None
+        if audio is not None:
+            sample["mel"], sample["mel_mask"] = log_mel(audio, self.audio)
+        if "image" not in sample and "mel" not in sample:
+            raise ValueError(f"sample {raw['__key__']} has no image or audio member")
+        return sample
+
+
+@dataclass
+class QADecoder:
+    """An image with a tokenized question and answer, for VLM fine-tuning."""
+
+    tokenizer: Any
+    image_size: int = 224
+    train: bool = True
+    max_question_tokens: int = 128
+    max_answer_tokens: int = 128
+    _vision: Any = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._vision = vision_transform(self.image_size, train=self.train)
+
+    def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        metadata = _metadata(raw)
+        image = _first_member(raw, _IMAGE_EXTENSIONS)
+        if image is None:
+            raise ValueError(f"sample {raw['__key__']} has no image member")
+        question_ids, answer_ids = tokenize_qa(
+            str(metadata["question"]),
+            str(metadata["answer"]),
+            self.tokenizer,
+            self.max_question_tokens,
+            self.max_answer_tokens,
+        )
+        return {
+            "sample_id": sample_id(raw, metadata),
+            "image": self._vision(decode_image(image, self.image_size)),
+            "question_ids": question_ids,
+            "answer_ids": answer_ids,
+        }

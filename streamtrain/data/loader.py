@@ -1,0 +1,107 @@
+"""The loader a training loop iterates: a DataLoader over a ShardStream, Stateful by one integer."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from streamtrain.data.stream import ShardStream
+
+STATE_VERSION = 1
+
+
+class LoaderStateError(ValueError):
+    """A saved loader state that cannot be resumed exactly with this configuration."""
+
+
+class StreamLoader:
+    """Batches for this rank, forever. ``state_dict()`` after step s resumes at batch s + 1.
+
+    Every rank reads only its own shards (no rank-0 dispatch). The state records how many
+    batches this rank consumed — prefetched batches are not counted, so nothing is skipped —
+    plus the topology and dataset it is valid for. Resuming with another world size, worker
+    count, batch size, seed or shard list is refused with a clear error rather than silently
+    yielding a different order.
+    """
+
+    def __init__(self, stream: ShardStream, prefetch_factor: int = 2, pin_memory: bool = False) -> None:
+        self.stream = stream
+        self.prefetch_factor = prefetch_factor
+        self.pin_memory = pin_memory
+        self.batches = 0
+        self.read_stats: Counter[str] = Counter()
+        self._iterator: Iterator[tuple[Any, dict[str, int]]] | None = None
+
+    @property
+    def epoch(self) -> float:
+        """Epochs consumed so far, fractional."""
+        return self.batches / self.stream.batches_per_epoch
+
+    def __iter__(self) -> StreamLoader:
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self.stream.start_batch = self.batches
+            workers = self.stream.topology.num_workers
+            loader = DataLoader(
+                self.stream,
+                batch_size=None,
+                num_workers=workers,
+                prefetch_factor=self.prefetch_factor if workers else None,
+                pin_memory=self.pin_memory,
+                persistent_workers=False,
+            )
+            self._iterator = iter(loader)
+        batch, stats = next(self._iterator)
+        self.batches += 1
+        self.read_stats.update(stats)
+        return batch
+
+    def close(self) -> None:
+        """Stop the workers (a new iteration starts them again at the saved position)."""
+        self._iterator = None
+
+    def _identity(self) -> dict[str, Any]:
+        topology = self.stream.topology
+        return {
+            "seed": self.stream.config.seed,
+            "world_size": topology.world_size,
+            "num_workers": topology.num_workers,
+            "batch_size": topology.batch_size,
+            "shuffle_buffer": self.stream.config.shuffle_buffer,
+            "dataset": self.stream.dataset.fingerprint(),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            **self._identity(),
+            "rank": self.stream.topology.rank,
+            "batches": self.batches,
+            "read_stats": dict(self.read_stats),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise LoaderStateError(
+                f"data loader state version {state.get('version')!r} is not {STATE_VERSION}"
+            )
+        expected = self._identity()
+        changed = [
+            f"{key}: saved {state.get(key)!r}, now {value!r}"
+            for key, value in expected.items()
+            if state.get(key) != value
+        ]
+        if changed:
+            raise LoaderStateError(
+                "cannot resume the data stream exactly, its configuration changed ("
+                + "; ".join(changed)
+                + "). Resume with the original settings, or start a new run."
+            )
+        self.batches = int(state["batches"])
+        self.read_stats = Counter(state.get("read_stats", {}))
+        self._iterator = None

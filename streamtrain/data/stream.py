@@ -1,0 +1,205 @@
+"""The rank's stream of batches: plan + windowed shuffle + decode, resumable from one integer.
+
+Every dataloader worker produces an infinite sequence of batches (epochs roll over inside it),
+and the rank's batch ``b`` is the ``b // K``-th batch of reader role ``b % K``: PyTorch's
+DataLoader hands batches over from its workers in exactly this round-robin order (infinite
+workers never break it), starting with worker 0, so a loader resumed at batch ``s`` gives its
+worker ``w`` the role ``(w + s) % K``. So the whole position of a rank is the number of
+batches it has consumed; from it each worker derives its epoch, the batch inside the epoch,
+and the shuffle window to refill — without reading any sample that was already consumed.
+
+Shuffling: shard order is drawn per epoch (plan.py); inside a worker's run, samples are read
+in windows of ``shuffle_buffer`` consecutive samples and emitted in an order drawn from
+(seed, epoch, rank, worker, window). Memory holds one window of undecoded samples per worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from streamtrain.data.plan import Topology, batches_per_rank, derive_seed, worker_batches, worker_pieces
+from streamtrain.data.remote import RetryPolicy, ShardReadError, iter_samples
+from streamtrain.data.shards import Dataset
+
+log = logging.getLogger(__name__)
+
+Decode = Callable[[dict[str, Any], random.Random], Any]
+Collate = Callable[[list[Any]], Any]
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Order and robustness settings of a stream."""
+
+    seed: int = 0
+    """Shard order, sample order and augmentations are pure functions of it (and the topology)."""
+    shuffle_buffer: int = 256
+    """Samples per shuffle window (undecoded bytes held per worker); 1 reads in plan order."""
+    warn_every_s: float = 30.0
+    """At most one warning per this many seconds per worker for read-time failures."""
+
+
+class _RateLimitedLog:
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.last = -float("inf")
+        self.suppressed = 0
+
+    def warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            self.suppressed += 1
+            return
+        extra = f" ({self.suppressed} similar warnings suppressed)" if self.suppressed else ""
+        log.warning("%s%s", message, extra)
+        self.last, self.suppressed = now, 0
+
+
+class ShardStream(IterableDataset):
+    """Infinite, deterministic batches for one rank; yields ``(batch, read_stats)`` pairs."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        topology: Topology,
+        decode: Decode,
+        collate: Collate,
+        config: StreamConfig | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.topology = topology
+        self.decode = decode
+        self.collate = collate
+        self.config = config or StreamConfig()
+        self.retry = retry
+        self.batches_per_epoch = batches_per_rank(list(dataset.shards), topology)
+        self.start_batch = 0
+        """Rank batches already consumed; set by the loader before iteration starts."""
+
+    def __iter__(self) -> Iterator[tuple[Any, dict[str, int]]]:
+        info = get_worker_info()
+        readers = self.topology.readers
+        # A new DataLoader asks its worker 0 first, but the next rank batch may belong to
+        # another role: worker w plays role (w + start_batch) % readers.
+        role = ((info.id if info is not None else 0) + self.start_batch) % readers
+        # Rank batches j < start_batch with j % readers == role were this role's.
+        done = max(0, -(-(self.start_batch - role) // readers))
+        return self._worker_batches(role, done)
+
+    def _worker_batches(self, worker: int, done: int) -> Iterator[tuple[Any, dict[str, int]]]:
+        epoch = 0
+        warnings = _RateLimitedLog(self.config.warn_every_s)
+        while True:
+            _, count = worker_batches(self.batches_per_epoch, self.topology.readers, worker, epoch)
+            if done >= count:
+                done -= count
+                epoch += 1
+                continue
+            yield from self._epoch_batches(worker, epoch, count, done, warnings)
+            done = 0
+            epoch += 1
+
+    def _epoch_batches(
+        self, worker: int, epoch: int, count: int, first_batch: int, warnings: _RateLimitedLog
+    ) -> Iterator[tuple[Any, dict[str, int]]]:
+        batch_size = self.topology.batch_size
+        pieces = worker_pieces(list(self.dataset.shards), self.topology, self.config.seed, epoch, worker)
+        run = _Run(self.dataset, pieces, self.retry, warnings)
+        window_size = max(1, self.config.shuffle_buffer)
+        position = first_batch * batch_size
+        pending: list[Any] = []
+        stats: Counter[str] = Counter()
+        end = count * batch_size
+        window_start = position - position % window_size
+        while window_start < end:
+            window_stop = min(window_start + window_size, end)
+            raw = run.read(window_start, window_stop, stats)
+            order = list(range(window_start, window_stop))
+            if window_size > 1:
+                random.Random(
+                    derive_seed("window", self.config.seed, epoch, self.topology.rank, worker, window_start)
+                ).shuffle(order)
+            for emitted, sample_position in enumerate(order, start=window_start):
+                if emitted < position:
+                    continue
+                pending.append(raw.get(sample_position))
+                if len(pending) == batch_size:
+                    batch_index = emitted // batch_size
+                    yield self._collate(pending, epoch, worker, batch_index, stats, warnings), dict(stats)
+                    pending, stats = [], Counter()
+            window_start = window_stop
+
+    def _collate(
+        self,
+        raw_samples: list[dict[str, Any] | None],
+        epoch: int,
+        worker: int,
+        batch_index: int,
+        stats: Counter[str],
+        warnings: _RateLimitedLog,
+    ) -> Any:
+        """Decode a batch under RNGs seeded by its identity, so augmentations survive a resume."""
+        seed = derive_seed("batch", self.config.seed, epoch, self.topology.rank, worker, batch_index)
+        rng = random.Random(seed)
+        decoded = []
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed % (1 << 63))
+            for raw in raw_samples:
+                if raw is None:
+                    continue  # unreadable: already counted by the reader
+                try:
+                    sample = self.decode(raw, rng)
+                except Exception as exc:  # a bad sample must never stop training
+                    stats["decode_errors"] += 1
+                    warnings.warn(f"skipping sample {raw.get('__key__')} of {raw.get('__url__')}: {exc!r}")
+                    continue
+                if sample is None:
+                    stats["decode_errors"] += 1
+                    continue
+                decoded.append(sample)
+        stats["samples"] += len(decoded)
+        return self.collate(decoded)
+
+
+class _Run:
+    """A worker's epoch run (its pieces laid end to end), read by position ranges."""
+
+    def __init__(self, dataset: Dataset, pieces: list, retry: RetryPolicy | None, warnings: _RateLimitedLog):
+        self.dataset = dataset
+        self.pieces = pieces
+        self.retry = retry
+        self.warnings = warnings
+        self.failed: set[str] = set()
+
+    def read(self, start: int, stop: int, stats: Counter[str]) -> dict[int, dict[str, Any]]:
+        """Samples at run positions ``[start, stop)``; unreadable ones are absent and counted."""
+        found: dict[int, dict[str, Any]] = {}
+        offset = 0
+        for piece in self.pieces:
+            lo, hi = max(start, offset), min(stop, offset + len(piece))
+            if lo < hi:
+                shard = self.dataset.shards[piece.shard]
+                first = piece.start + lo - offset
+                position = lo
+                try:
+                    if shard.url not in self.failed:  # a shard that failed is not retried this epoch
+                        for sample in iter_samples(shard.url, first, first + hi - lo, self.retry):
+                            found[position] = sample
+                            position += 1
+                except ShardReadError as exc:
+                    self.failed.add(shard.url)
+                    stats["shard_errors"] += 1
+                    self.warnings.warn(f"skipping the rest of {shard.url}: {exc}")
+                stats["unreadable_samples"] += hi - position
+            offset += len(piece)
+        return found

@@ -1,0 +1,123 @@
+"""The rank's batch stream: exactly-once epochs, equal ranks, and exact mid-epoch resume."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shardify.convert import ConvertOptions, convert
+from streamtrain.data.loader import LoaderStateError, StreamLoader
+from streamtrain.data.plan import ShardInfo, Topology
+from streamtrain.data.remote import RetryPolicy
+from streamtrain.data.shards import Dataset, resolve
+from streamtrain.data.stream import ShardStream, StreamConfig
+from tests import factories
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    folder = tmp_path_factory.mktemp("stream-shards")
+    rows = factories.caption_rows(150, size=(16, 16))
+    rows[40]["sample_id"] = "duplicate-id"
+    factories.write_parquet(folder / "a.parquet", rows[:90], row_group_size=10)
+    factories.write_parquet(folder / "b.parquet", rows[90:], row_group_size=10)
+    convert([str(folder)], ConvertOptions(output=str(folder / "out"), max_samples_per_shard=23))
+    return resolve(str(folder / "out"))
+
+
+def decode(raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    meta = json.loads(raw["json"])
+    if meta["sample_id"] == "img-00077":
+        raise ValueError("pretend this one is corrupt")
+    return {"id": raw["__key__"], "aug": rng.random()}
+
+
+def collate(samples: list[dict[str, Any]]) -> list[tuple[str, float]]:
+    return [(s["id"], s["aug"]) for s in samples]
+
+
+def make_loader(
+    dataset: Dataset,
+    rank: int = 0,
+    world: int = 1,
+    workers: int = 2,
+    batch: int = 4,
+    buffer: int = 16,
+    seed: int = 5,
+) -> StreamLoader:
+    topology = Topology(world_size=world, rank=rank, num_workers=workers, batch_size=batch)
+    return StreamLoader(
+        ShardStream(dataset, topology, decode, collate, StreamConfig(seed=seed, shuffle_buffer=buffer))
+    )
+
+
+def take(loader: StreamLoader, count: int) -> list[list[tuple[str, float]]]:
+    return [next(loader) for _ in range(count)]
+
+
+def test_one_epoch_reads_every_sample_once(shards: Dataset) -> None:
+    loader = make_loader(shards, workers=2, batch=4)
+    per_epoch = loader.stream.batches_per_epoch
+    assert per_epoch == 150 // 4
+    keys = [key for batch in take(loader, per_epoch) for key, _ in batch]
+    assert len(keys) == len(set(keys)) == per_epoch * 4 - 1  # one sample fails to decode
+    assert loader.read_stats["decode_errors"] == 1
+    assert loader.read_stats["samples"] == len(keys)
+
+
+def test_resume_mid_epoch_and_across_epochs_equals_uninterrupted(shards: Dataset) -> None:
+    reference = take(make_loader(shards), 100)  # 2.7 epochs
+    for stop in (1, 18, 37, 55):
+        first = make_loader(shards)
+        head = take(first, stop)
+        state = json.loads(json.dumps(first.state_dict()))  # what a checkpoint stores
+        first.close()
+        resumed = make_loader(shards)
+        resumed.load_state_dict(state)
+        assert head + take(resumed, 100 - stop) == reference, f"stopped at {stop}"
+
+
+def test_order_is_a_pure_function_of_seed(shards: Dataset) -> None:
+    assert take(make_loader(shards, workers=0), 12) == take(make_loader(shards, workers=0), 12)
+    assert take(make_loader(shards, seed=1), 12) != take(make_loader(shards, seed=2), 12)
+
+
+def test_ranks_are_disjoint_and_equal(shards: Dataset) -> None:
+    per_rank = []
+    for rank in range(3):
+        loader = make_loader(shards, rank=rank, world=3, workers=2, batch=5)
+        per_rank.append([k for batch in take(loader, loader.stream.batches_per_epoch) for k, _ in batch])
+        assert loader.stream.batches_per_epoch == 150 // 15
+    assert not set(per_rank[0]) & set(per_rank[1]) and not set(per_rank[1]) & set(per_rank[2])
+
+
+def test_changed_topology_is_refused(shards: Dataset) -> None:
+    loader = make_loader(shards, workers=2)
+    take(loader, 3)
+    other = make_loader(shards, workers=3)
+    with pytest.raises(LoaderStateError, match="num_workers: saved 2, now 3"):
+        other.load_state_dict(loader.state_dict())
+    with pytest.raises(LoaderStateError, match="seed"):
+        make_loader(shards, seed=99).load_state_dict(loader.state_dict())
+
+
+def test_missing_shard_is_skipped_and_counted(shards: Dataset, tmp_path: Path) -> None:
+    broken = Dataset((*shards.shards, ShardInfo(str(tmp_path / "gone.tar"), 30)), shards.schema)
+    topology = Topology(num_workers=0, batch_size=4)
+    stream = ShardStream(
+        broken,
+        topology,
+        decode,
+        collate,
+        StreamConfig(shuffle_buffer=8),
+        RetryPolicy(attempts=2, initial_backoff_s=0.01, max_backoff_s=0.01),
+    )
+    loader = StreamLoader(stream)
+    batches = take(loader, stream.batches_per_epoch)
+    assert loader.read_stats["shard_errors"] == 1
+    assert loader.read_stats["unreadable_samples"] == 30
+    assert sum(len(b) for b in batches) == 180 // 4 * 4 - 30 - 1
