@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -11,6 +13,17 @@ from torch.utils.data import DataLoader
 from streamtrain.data.stream import ShardStream
 
 STATE_VERSION = 1
+
+# Loaders with running workers. Infinite dataloader workers never finish on their own, and an
+# interpreter that exits with them alive can hang in DataLoader's finaliser (seen under
+# torchrun), so they are stopped explicitly at exit.
+_RUNNING: weakref.WeakSet[StreamLoader] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_running_loaders() -> None:
+    for loader in list(_RUNNING):
+        loader.close()
 
 
 class LoaderStateError(ValueError):
@@ -56,14 +69,19 @@ class StreamLoader:
                 persistent_workers=False,
             )
             self._iterator = iter(loader)
+            _RUNNING.add(self)
         batch, stats = next(self._iterator)
         self.batches += 1
         self.read_stats.update(stats)
         return batch
 
     def close(self) -> None:
-        """Stop the workers (a new iteration starts them again at the saved position)."""
+        """Stop the workers now (a later ``next()`` starts them again at the current position)."""
+        shutdown = getattr(self._iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()  # infinite workers never finish on their own: stop them explicitly
         self._iterator = None
+        _RUNNING.discard(self)
 
     def _identity(self) -> dict[str, Any]:
         topology = self.stream.topology
@@ -104,4 +122,4 @@ class StreamLoader:
             )
         self.batches = int(state["batches"])
         self.read_stats = Counter(state.get("read_stats", {}))
-        self._iterator = None
+        self.close()

@@ -1,0 +1,357 @@
+"""Benchmark of streamtrain's StreamLoader against a plain webdataset pipeline and this machine's limit.
+
+Makes its own shards with shardify, then reports:
+- samples/s of 1024x768 photo-like JPEGs with long captions at 224 px (train transform, K workers)
+  for StreamLoader, for a plain webdataset pipeline with the same torchvision transform, and for
+  the limit: streamtrain's decoder on samples already in memory, one core, times min(K, cores);
+- resume cost: time to first batch after loading a state saved at sample ~1,000 and ~100,000;
+- the loader's RSS (main process + dataloader workers) after each of several epochs.
+
+Every measurement runs in a fresh child process so its peak RSS is its own.
+
+    python benchmarks/bench_loader.py [--workers 2] [--samples 1500] [--resume-samples 101000]
+                                      [--epochs 4] [--repeats 1] [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+import webdataset as wds  # noqa: E402
+
+from benchmarks.bench_shardify import peak_rss_mb, pixmo_photo  # noqa: E402
+from shardify.convert import ConvertOptions, convert  # noqa: E402
+from streamtrain.data.collate import collate_alignment  # noqa: E402
+from streamtrain.data.decoders import CaptionDecoder  # noqa: E402
+from streamtrain.data.loader import StreamLoader  # noqa: E402
+from streamtrain.data.plan import Topology  # noqa: E402
+from streamtrain.data.remote import iter_samples  # noqa: E402
+from streamtrain.data.shards import resolve  # noqa: E402
+from streamtrain.data.stream import ShardStream, StreamConfig  # noqa: E402
+from streamtrain.data.transforms import vision_transform  # noqa: E402
+from tests import factories  # noqa: E402
+
+BATCH = 32
+RESUME_BATCH = 50
+DISTINCT_PHOTOS = 48
+SENTENCES = [
+    "The light falls low across the scene from the left, leaving long soft shadows.",
+    "In the foreground a wooden bench stands beside a patch of uneven grass.",
+    "Two people in dark coats walk away from the camera along a gravel path.",
+    "Behind them a row of brick houses with white window frames fills the middle distance.",
+    "The sky is pale and overcast, with a faint band of orange near the horizon.",
+    "A red bicycle leans against a lamp post whose paint has started to peel.",
+    "The photograph is slightly grainy, as if taken at a high ISO in fading light.",
+]
+
+
+def write_parquet(path: Path, rows: int, images: list[bytes], long_captions: bool) -> None:
+    """A Pixmo-shaped caption parquet whose rows cycle through ``images``."""
+    rng = random.Random(0)
+    writer = None
+    for start in range(0, rows, 1024):
+        ids = range(start, min(rows, start + 1024))
+        captions = [
+            f"Photograph {i}. " + " ".join(rng.sample(SENTENCES, 5)) if long_captions else f"tiny {i}"
+            for i in ids
+        ]
+        table = pa.table(
+            {
+                "sample_id": [f"pixmo-{i:08d}" for i in ids],
+                "caption": captions,
+                "image_bytes": pa.array([images[i % len(images)] for i in ids], pa.binary()),
+            }
+        )
+        # No dictionary encoding: the few distinct images would otherwise be stored once each.
+        writer = writer or pq.ParquetWriter(path, table.schema, use_dictionary=["sample_id", "caption"])
+        writer.write_table(table, row_group_size=256)
+    assert writer is not None
+    writer.close()
+
+
+def make_shards(work: Path, name: str, rows: int, images: list[bytes], per_shard: int, long: bool) -> str:
+    source, output = work / f"{name}.parquet", work / name
+    write_parquet(source, rows, images, long)
+    done, started = [0], time.perf_counter()
+
+    def progress(count: int) -> None:
+        done[0] += count
+        if done[0] % 10_000 < count or done[0] == rows:
+            rate = done[0] / (time.perf_counter() - started)
+            print(f"  {name}: {done[0]:,}/{rows:,} rows converted ({rate:,.0f}/s)", file=sys.stderr)
+
+    options = ConvertOptions(output=str(output), max_samples_per_shard=per_shard, workers=2)
+    convert([str(source)], options, progress)
+    source.unlink()
+    return str(output)
+
+
+# ---------------------------------------------------------------- child-process measurements
+
+
+def tree_pids() -> list[int]:
+    """This process and all its descendants (the dataloader workers), from /proc/<pid>/stat."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue  # exited while we looked
+            parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found, pending = [], [os.getpid()]
+    while pending:
+        pid = pending.pop()
+        found.append(pid)
+        pending.extend(parents.get(pid, []))
+    return found
+
+
+def tree_mb(field: str) -> float:
+    """Sum of ``field`` (VmRSS, VmHWM from status; Pss from smaps_rollup) over the process tree."""
+    total = 0
+    for pid in tree_pids():
+        name = "smaps_rollup" if field == "Pss" else "status"
+        try:
+            lines = Path(f"/proc/{pid}/{name}").read_text().splitlines()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in lines if line.startswith(f"{field}:"))
+    return total / 1024
+
+
+def stream_loader(shards: str, workers: int, batch: int, decoder: CaptionDecoder) -> StreamLoader:
+    topology = Topology(world_size=1, rank=0, num_workers=workers, batch_size=batch)
+    config = StreamConfig(seed=0, shuffle_buffer=256)
+    return StreamLoader(ShardStream(resolve(shards), topology, decoder, collate_alignment, config))
+
+
+def time_batches(batches: Iterator[Any], workers: int, samples: int, size: Any) -> dict:
+    """Skip a warm-up (every worker's first batch, and ~5%), then time one epoch's worth of batches."""
+    count = max(1, samples // BATCH)
+    for _ in range(max(workers, math.ceil(0.05 * count))):
+        next(batches)
+    started, timed = time.perf_counter(), 0
+    for _ in range(count):
+        timed += size(next(batches))
+    seconds = time.perf_counter() - started
+    return {"samples": timed, "seconds": seconds, "tree_peak_mb": tree_mb("VmHWM")}
+
+
+def child_streamtrain(shards: str, workers: int, samples: int) -> dict:
+    loader = stream_loader(shards, workers, BATCH, CaptionDecoder(image_size=224, train=True))
+    return time_batches(loader, workers, samples, lambda b: len(b["sample_ids"]))
+
+
+def child_webdataset(shards: str, workers: int, samples: int) -> dict:
+    urls = [shard.url for shard in resolve(shards).shards]
+    transform = vision_transform(224, train=True)
+    # repeat(): an endless stream like StreamLoader's, so no epoch-end stall lands in the timing.
+    pipeline = (
+        wds.WebDataset(urls, shardshuffle=False)
+        .decode("pil")
+        .map(lambda s: (transform(s["jpg"]), s["txt"]))
+        .batched(BATCH)
+        .repeat()
+    )
+    loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers)
+    return time_batches(iter(loader), workers, samples, lambda b: len(b[1]))
+
+
+def child_limit(shards: str, samples: int) -> dict:
+    """streamtrain's decode + transform alone, on raw samples in memory, in one thread."""
+    torch.set_num_threads(1)  # as in a dataloader worker
+    raw: list[dict] = []
+    for shard in resolve(shards).shards:
+        raw.extend(iter_samples(shard.url, 0, min(shard.samples, samples - len(raw))))
+        if len(raw) >= samples:
+            break
+    decoder, rng = CaptionDecoder(image_size=224, train=True), random.Random(0)
+    for sample in raw[: max(1, len(raw) // 20)]:
+        decoder(sample, rng)
+    decode_s = collate_s = 0.0
+    for start in range(0, len(raw), BATCH):
+        began = time.perf_counter()
+        decoded = [decoder(sample, rng) for sample in raw[start : start + BATCH]]
+        collated = time.perf_counter()
+        collate_alignment(decoded)
+        decode_s, collate_s = decode_s + collated - began, collate_s + time.perf_counter() - collated
+    mean_kb = sum(len(s["jpg"]) for s in raw) / len(raw) / 1e3
+    return {"samples": len(raw), "seconds": decode_s, "collate_seconds": collate_s, "mean_jpeg_kb": mean_kb}
+
+
+def child_resume(shards: str, workers: int, batches: int) -> dict:
+    decoder = CaptionDecoder(image_size=16, train=False)
+    # The loader's position is exactly its "batches" count (the other fields only identify the
+    # configuration it is valid for, including num_workers, so a state saved by a num_workers=0
+    # loader would be refused here). Setting it on a fresh loader's state is therefore the state
+    # that consuming that many batches would have saved, without reading them.
+    state = stream_loader(shards, workers, RESUME_BATCH, decoder).state_dict()
+    state["batches"] = batches
+    started = time.perf_counter()
+    loader = stream_loader(shards, workers, RESUME_BATCH, decoder)
+    loader.load_state_dict(state)
+    first = next(loader)
+    seconds = time.perf_counter() - started
+    return {"batches": batches, "seconds": seconds, "first_sample": first["sample_ids"][0]}
+
+
+def child_rss(shards: str, workers: int, epochs: int) -> dict:
+    loader = stream_loader(shards, workers, BATCH, CaptionDecoder(image_size=224, train=True))
+    series = []
+    for _ in range(epochs):
+        started = time.perf_counter()
+        for _ in range(loader.stream.batches_per_epoch):
+            next(loader)
+        seconds = time.perf_counter() - started
+        series.append({"rss_mb": tree_mb("VmRSS"), "pss_mb": tree_mb("Pss"), "seconds": seconds})
+    return {"series": series, "processes": len(tree_pids())}
+
+
+def run_child(*args: str) -> dict:
+    """Run one measurement in a fresh interpreter; returns its JSON result, with its peak RSS."""
+    process = subprocess.run([sys.executable, __file__, "_child", *args], stdout=subprocess.PIPE, text=True)
+    if process.returncode != 0:
+        raise SystemExit(f"benchmark child {args} failed with exit code {process.returncode}")
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def child_main(argv: list[str]) -> None:
+    mode, shards, *numbers = argv
+    measure = {"streamtrain": child_streamtrain, "webdataset": child_webdataset, "limit": child_limit}
+    measure |= {"resume": child_resume, "rss": child_rss}
+    result = measure[mode](shards, *map(int, numbers))
+    result["peak_rss_mb"] = peak_rss_mb()
+    print(json.dumps(result))
+
+
+# ---------------------------------------------------------------- the report
+
+
+def best_of(repeats: int, *args: str) -> dict:
+    runs = [run_child(*args) for _ in range(repeats)]
+    best = min(runs, key=lambda r: r["seconds"])
+    best.update({key: max(r[key] for r in runs) for key in ("peak_rss_mb", "tree_peak_mb") if key in best})
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--workers", type=int, default=2, help="dataloader workers K (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=1500, help="photo samples (default: %(default)s)")
+    parser.add_argument(
+        "--resume-samples", type=int, default=101_000, help="tiny samples for the resume test (0 skips it)"
+    )
+    parser.add_argument("--epochs", type=int, default=4, help="epochs of the RSS run (0 skips it)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per speed measurement; fastest counts")
+    parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
+    args = parser.parse_args()
+    began, k, n = time.perf_counter(), args.workers, args.samples
+    cores = len(os.sched_getaffinity(0))
+
+    with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-loader-") as scratch:
+        work = Path(scratch)
+        print(f"making {DISTINCT_PHOTOS} distinct 1024x768 photos ...", file=sys.stderr)
+        photos = make_shards(work, "photos", n, [pixmo_photo(s) for s in range(DISTINCT_PHOTOS)], 250, True)
+        results: dict = {"workers": k, "samples": n, "cpus": cores, "batch": BATCH}
+        print("measuring throughput ...", file=sys.stderr)
+        results["streamtrain"] = best_of(args.repeats, "streamtrain", photos, str(k), str(n))
+        results["webdataset"] = best_of(args.repeats, "webdataset", photos, str(k), str(n))
+        results["limit"] = best_of(args.repeats, "limit", photos, str(n))
+        if args.epochs:
+            print(f"running {args.epochs} epochs for RSS ...", file=sys.stderr)
+            results["rss"] = run_child("rss", photos, str(k), str(args.epochs))
+        if args.resume_samples:
+            total = args.resume_samples
+            tiny_images = [factories.jpeg(16, 16, seed=s) for s in range(64)]
+            tiny = make_shards(work, "tiny", total, tiny_images, 1000, False)
+            print("measuring resume ...", file=sys.stderr)
+            points = {"start": 0, "early": 1000 // RESUME_BATCH, "late": (total - 1000) // RESUME_BATCH}
+            results["resume"] = {
+                name: best_of(max(args.repeats, 3), "resume", tiny, str(k), str(batches))
+                for name, batches in points.items()
+            }
+            results["resume_samples"] = total
+    results["wall_seconds"] = time.perf_counter() - began
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    report(results)
+
+
+def report(r: dict) -> None:
+    def rate(m: dict) -> float:
+        return m["samples"] / m["seconds"]
+
+    k, lim, usable = r["workers"], r["limit"], min(r["workers"], r["cpus"])
+    stream, plain, limit = rate(r["streamtrain"]), rate(r["webdataset"]), rate(lim) * usable
+    print(
+        f"\n## streamtrain loader benchmark ({r['samples']} samples: 1024x768 JPEGs of "
+        f"{lim['mean_jpeg_kb']:.0f} KB, ~400-char captions; 224 px train transform, batch {r['batch']}, "
+        f"{k} workers, {r['cpus']} CPUs)\n"
+    )
+    print("| run | samples/s | peak RSS MB (main) | peak RSS MB (main + workers) | ratio |")
+    print("|---|---:|---:|---:|---|")
+    rows = [
+        ("streamtrain StreamLoader", r["streamtrain"], stream),
+        ("webdataset: decode('pil') + same transform", r["webdataset"], plain),
+        (f"limit: CaptionDecoder in memory, 1 core x {usable}", lim, limit),
+    ]
+    for label, m, speed in rows:
+        tree = f"{m['tree_peak_mb']:,.0f}" if "tree_peak_mb" in m else "-"
+        ratio = "1.00x" if m is r["streamtrain"] else f"streamtrain {stream / speed:.2f}x of it"
+        print(f"| {label} | {speed:,.0f} | {m['peak_rss_mb']:,.0f} | {tree} | {ratio} |")
+    print(
+        f"\ngoals: streamtrain / webdataset = {stream / plain:.2f} (>= 1.5: {stream / plain >= 1.5}); "
+        f"streamtrain / limit = {stream / limit:.2f} (>= 0.9: {stream / limit >= 0.9}). One core: "
+        f"{1000 * lim['seconds'] / lim['samples']:.2f} ms/sample to decode, collating adds "
+        f"{1000 * lim['collate_seconds'] / lim['samples']:.2f}. Main + workers sums each process's "
+        "own peak, so pages shared after fork count once per process."
+    )
+    if "resume" in r:
+        res = r["resume"]
+        print(f"\nresume on {r['resume_samples']:,} tiny samples (batch {RESUME_BATCH}, {k} workers):\n")
+        print("| state saved at | batches | time to first batch s | ratio |")
+        print("|---|---:|---:|---|")
+        for name, m in res.items():
+            ratio = f"{m['seconds'] / res['early']['seconds']:.2f}x sample ~1,000"
+            ratio += " (goal <= 1.5)" if name == "late" else ""
+            saved = f"sample {m['batches'] * RESUME_BATCH:,} | {m['batches']:,}"
+            print(f"| {saved} | {m['seconds']:.3f} | {ratio} |")
+    if "rss" in r:
+        series = r["rss"]["series"]
+        print(f"\nloader RSS over {len(series)} epochs ({r['rss']['processes']} processes):\n")
+        print("| after epoch | RSS MB (sum of VmRSS) | PSS MB (sum of Pss) | s/epoch |")
+        print("|---:|---:|---:|---:|")
+        for epoch, m in enumerate(series, start=1):
+            print(f"| {epoch} | {m['rss_mb']:,.0f} | {m['pss_mb']:,.0f} | {m['seconds']:.1f} |")
+        growth = series[-1]["rss_mb"] / series[0]["rss_mb"] - 1
+        verdict = "flat" if growth < 0.10 else "NOT flat"
+        print(f"\nRSS growth epoch 1 -> {len(series)}: {100 * growth:+.1f}% ({verdict}; goal < 10%)")
+    print(f"\nbenchmark wall time: {r['wall_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_child":
+        child_main(sys.argv[2:])
+    else:
+        main()
