@@ -121,3 +121,16 @@ def test_missing_shard_is_skipped_and_counted(shards: Dataset, tmp_path: Path) -
     assert loader.read_stats["shard_errors"] == 1
     assert loader.read_stats["unreadable_samples"] == 30
     assert sum(len(b) for b in batches) == 180 // 4 * 4 - 30 - 1
+
+
+@pytest.mark.s3
+def test_streams_from_s3_like_from_disk(shards: Dataset, s3_env, s3_bucket: str) -> None:
+    import s3fs
+
+    local_dir = Path(shards.shards[0].url).parent
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_env.endpoint}, skip_instance_cache=True)
+    for path in sorted(local_dir.iterdir()):
+        fs.put_file(str(path), f"{s3_bucket}/pixmo/{path.name}")
+    remote = resolve(f"s3://{s3_bucket}/pixmo")
+    assert [s.samples for s in remote.shards] == [s.samples for s in shards.shards]
+    assert take(make_loader(remote, workers=2), 45) == take(make_loader(shards, workers=2), 45)
