@@ -26,7 +26,14 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from streamtrain.data.plan import Topology, batches_per_rank, derive_seed, worker_batches, worker_pieces
+from streamtrain.data.plan import (
+    Piece,
+    Topology,
+    batches_per_rank,
+    derive_seed,
+    worker_batches,
+    worker_pieces,
+)
 from streamtrain.data.remote import RetryPolicy, ShardReadError, iter_samples
 from streamtrain.data.shards import Dataset
 
@@ -174,7 +181,9 @@ class ShardStream(IterableDataset):
 class _Run:
     """A worker's epoch run (its pieces laid end to end), read by position ranges."""
 
-    def __init__(self, dataset: Dataset, pieces: list, retry: RetryPolicy | None, warnings: _RateLimitedLog):
+    def __init__(
+        self, dataset: Dataset, pieces: list[Piece], retry: RetryPolicy | None, warnings: _RateLimitedLog
+    ) -> None:
         self.dataset = dataset
         self.pieces = pieces
         self.retry = retry
