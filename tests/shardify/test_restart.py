@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -17,9 +18,9 @@ from tests.shardify.helpers import output_files, read_manifest, read_shard
 
 @pytest.fixture(scope="module")
 def slow_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Enough rows of 320x240 photos that a conversion takes several seconds on one worker."""
+    """Enough rows of 640x480 photos that a conversion takes a few seconds on one worker."""
     folder = tmp_path_factory.mktemp("restart-input")
-    distinct = [factories.jpeg(320, 240, seed=s) for s in range(40)]
+    distinct = [factories.jpeg(640, 480, seed=s) for s in range(40)]
     for part in range(2):
         rows = [
             {
@@ -31,6 +32,13 @@ def slow_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ]
         factories.write_parquet(folder / f"part-{part}.parquet", rows, row_group_size=100)
     return folder
+
+
+def _committed_rows(out: Path) -> int:
+    try:
+        return json.loads((out / ".shardify" / "progress.json").read_text())["rows_read"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0
 
 
 def _command(source: Path, out: Path, workers: int) -> list[str]:
@@ -73,7 +81,12 @@ def test_killed_conversion_resumes_to_identical_output(slow_input: Path, tmp_pat
         process = subprocess.Popen(
             _command(slow_input, out, 1 + attempt % 2), stderr=subprocess.PIPE, text=True
         )
-        time.sleep(rng.uniform(1.2, 2.5))
+        # Kill once the journal has moved past this attempt's mark, plus a random few ms, so the
+        # kill lands at an arbitrary point of writing, publishing or journaling.
+        mark = 700 * (attempt + 1)
+        while process.poll() is None and _committed_rows(out) < mark:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.05))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             kills += 1
