@@ -10,6 +10,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
+from streamtrain.data.sample_log import SampleLog
 from streamtrain.data.stream import ShardStream
 
 STATE_VERSION = 1
@@ -40,10 +41,22 @@ class StreamLoader:
     yielding a different order.
     """
 
-    def __init__(self, stream: ShardStream, prefetch_factor: int = 2, pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        stream: ShardStream,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        sample_log: SampleLog | None = None,
+        batches_per_step: int = 1,
+    ) -> None:
+        """``sample_log`` gets one line per ``batches_per_step`` batches (an optimizer step with
+        gradient accumulation), listing the batches' ``"sample_ids"``."""
         self.stream = stream
         self.prefetch_factor = prefetch_factor
         self.pin_memory = pin_memory
+        self.sample_log = sample_log
+        self.batches_per_step = batches_per_step
+        self._step_sample_ids: list[str] = []
         self.batches = 0
         self.read_stats: Counter[str] = Counter()
         self._iterator: Iterator[tuple[Any, dict[str, int]]] | None = None
@@ -73,7 +86,18 @@ class StreamLoader:
         batch, stats = next(self._iterator)
         self.batches += 1
         self.read_stats.update(stats)
+        if self.sample_log is not None:
+            self._log_samples(batch)
         return batch
+
+    def _log_samples(self, batch: Any) -> None:
+        if not isinstance(batch, dict) or "sample_ids" not in batch:
+            raise TypeError("data.sample_log needs batches that carry 'sample_ids' (a dict from the collate)")
+        self._step_sample_ids.extend(batch["sample_ids"])
+        if self.batches % self.batches_per_step == 0:
+            assert self.sample_log is not None
+            self.sample_log.record(self.batches // self.batches_per_step, self._step_sample_ids)
+            self._step_sample_ids = []
 
     def close(self) -> None:
         """Stop the workers now (a later ``next()`` starts them again at the current position)."""
@@ -100,6 +124,7 @@ class StreamLoader:
             **self._identity(),
             "rank": self.stream.topology.rank,
             "batches": self.batches,
+            "step_sample_ids": list(self._step_sample_ids),
             "read_stats": dict(self.read_stats),
         }
 
@@ -121,5 +146,9 @@ class StreamLoader:
                 + "). Resume with the original settings, or start a new run."
             )
         self.batches = int(state["batches"])
+        self._step_sample_ids = list(state.get("step_sample_ids", []))
         self.read_stats = Counter(state.get("read_stats", {}))
+        if self.sample_log is not None:
+            # Lines the interrupted run wrote after this state was saved are not history.
+            self.sample_log.rewind(self.batches // self.batches_per_step)
         self.close()

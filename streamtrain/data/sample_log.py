@@ -2,32 +2,64 @@
 
 One JSON line per (step, rank): ``{"step": s, "rank": r, "sample_ids": [...]}`` with the rows'
 original sample_ids, so anyone can check order, coverage and resume against the manifest.
-All ranks append to one file; each line is a single ``O_APPEND`` write, which the kernel never
-interleaves with another. A run resumed from the checkpoint of step ``s`` first calls
-``rewind(path, s)`` (one process, before any rank writes) to drop the lines that the
-interrupted run wrote after that checkpoint, so the log reads as one uninterrupted run.
+All ranks share one file. Appends and rewinds hold a POSIX lock on it (``lockf`` works on NFS
+too), and a rewind rewrites the file in place, so every rank keeps appending to the same file.
+A rank resumed from the checkpoint of step ``s`` rewinds its own lines past ``s`` — those the
+interrupted run wrote after that checkpoint — so the log reads as one uninterrupted run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 
 class SampleLog:
-    """Appends this rank's lines to the shared log file."""
+    """This rank's writer to the shared log file."""
 
     def __init__(self, path: str | os.PathLike[str], rank: int) -> None:
         self.path = Path(path)
         self.rank = rank
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
     def record(self, step: int, sample_ids: list[str]) -> None:
         line = json.dumps({"step": step, "rank": self.rank, "sample_ids": sample_ids}, ensure_ascii=False)
-        os.write(self._fd, (line + "\n").encode("utf-8"))
+        with self._locked():
+            os.write(self._fd, (line + "\n").encode("utf-8"))
+
+    def rewind(self, step: int) -> int:
+        """Drop this rank's lines of steps after ``step``; returns how many were dropped."""
+        with self._locked():
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            chunks = []
+            while chunk := os.read(self._fd, 1 << 20):
+                chunks.append(chunk)
+            lines = b"".join(chunks).decode("utf-8").splitlines()
+            kept = [line for line in lines if not self._is_later_own_line(line, step)]
+            os.ftruncate(self._fd, 0)
+            os.write(self._fd, "".join(line + "\n" for line in kept).encode("utf-8"))
+        return len(lines) - len(kept)
+
+    def _is_later_own_line(self, line: str, step: int) -> bool:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            return True  # a line cut by a crash mid-write: drop it
+        return entry.get("rank") == self.rank and entry.get("step", 0) > step
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -39,21 +71,6 @@ def read_sample_log(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every complete line, in file order (a line cut by a crash mid-write is ignored)."""
     entries = []
     for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             entries.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
     return entries
-
-
-def rewind(path: str | os.PathLike[str], step: int) -> int:
-    """Drop every line of a step after ``step``; returns how many were dropped. Atomic."""
-    path = Path(path)
-    if not path.exists():
-        return 0
-    entries = read_sample_log(path)
-    kept = [entry for entry in entries if entry["step"] <= step]
-    scratch = path.with_name(path.name + ".rewinding")
-    scratch.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept), encoding="utf-8")
-    os.replace(scratch, path)
-    return len(entries) - len(kept)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 from pathlib import Path
 
-from streamtrain.data.sample_log import SampleLog, read_sample_log, rewind
+from streamtrain.data.sample_log import SampleLog, read_sample_log
 
 
 def _write_steps(path: str, rank: int, steps: int) -> None:
@@ -30,21 +30,25 @@ def test_concurrent_ranks_never_interleave_lines(tmp_path: Path) -> None:
         assert all(e["sample_ids"][0].startswith(f"r{rank}-s{e['step']}-0-") for e in mine)
 
 
-def test_rewind_drops_steps_after_the_checkpoint(tmp_path: Path) -> None:
+def test_each_rank_rewinds_only_its_own_later_steps(tmp_path: Path) -> None:
     path = tmp_path / "samples.jsonl"
     _write_steps(str(path), 0, 10)
     _write_steps(str(path), 1, 7)
-    assert rewind(path, 5) == (10 - 5) + (7 - 5)
-    assert sorted((e["rank"], e["step"]) for e in read_sample_log(path)) == [
-        (rank, step) for rank in (0, 1) for step in range(1, 6)
-    ]
-    assert rewind(tmp_path / "absent.jsonl", 3) == 0
+    rank0 = SampleLog(path, 0)
+    rank1 = SampleLog(path, 1)
+    assert rank0.rewind(5) == 5
+    rank0.record(6, ["again"])  # appends land in the same, rewritten file
+    assert rank1.rewind(3) == 4
+    rank1.record(4, ["again-1"])
+    steps = [(e["rank"], e["step"]) for e in read_sample_log(path)]
+    assert sorted(steps) == sorted([(0, s) for s in range(1, 7)] + [(1, s) for s in range(1, 5)])
+    assert steps[-2:] == [(0, 6), (1, 4)]
 
 
-def test_a_line_cut_by_a_crash_is_ignored(tmp_path: Path) -> None:
+def test_a_line_cut_by_a_crash_is_ignored_and_dropped_on_rewind(tmp_path: Path) -> None:
     path = tmp_path / "samples.jsonl"
     _write_steps(str(path), 0, 3)
     with open(path, "a") as handle:
         handle.write('{"step": 4, "rank": 0, "sample_')
     assert [e["step"] for e in read_sample_log(path)] == [1, 2, 3]
-    assert rewind(path, 3) == 0 and path.read_text().endswith("}\n")
+    assert SampleLog(path, 0).rewind(3) == 1 and path.read_text().endswith("}\n")

@@ -134,3 +134,39 @@ def test_streams_from_s3_like_from_disk(shards: Dataset, s3_env, s3_bucket: str)
     remote = resolve(f"s3://{s3_bucket}/pixmo")
     assert [s.samples for s in remote.shards] == [s.samples for s in shards.shards]
     assert take(make_loader(remote, workers=2), 45) == take(make_loader(shards, workers=2), 45)
+
+
+def _dict_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"sample_ids": [s["id"] for s in samples]}
+
+
+def test_sample_log_of_an_interrupted_run_equals_an_uninterrupted_one(
+    shards: Dataset, tmp_path: Path
+) -> None:
+    from streamtrain.data.sample_log import SampleLog, read_sample_log
+
+    def loader(path: Path) -> StreamLoader:
+        stream = ShardStream(
+            shards,
+            Topology(num_workers=2, batch_size=4),
+            decode,
+            _dict_collate,
+            StreamConfig(seed=3, shuffle_buffer=16),
+        )
+        return StreamLoader(stream, sample_log=SampleLog(path, rank=0), batches_per_step=2)
+
+    reference = loader(tmp_path / "reference.jsonl")
+    take(reference, 60)
+    interrupted = tmp_path / "interrupted.jsonl"
+    first = loader(interrupted)
+    take(first, 20)  # checkpoint at step 10 ...
+    state = first.state_dict()
+    take(first, 9)  # ... then 4.5 more steps that the crash loses
+    first.close()
+    resumed = loader(interrupted)
+    resumed.load_state_dict(state)
+    take(resumed, 40)
+    expected = read_sample_log(tmp_path / "reference.jsonl")
+    assert read_sample_log(interrupted) == expected
+    assert [e["step"] for e in expected] == list(range(1, 31))
+    assert all(len(e["sample_ids"]) in (7, 8) for e in expected)
