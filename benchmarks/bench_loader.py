@@ -46,7 +46,7 @@ from streamtrain.data.plan import Topology  # noqa: E402
 from streamtrain.data.remote import iter_samples  # noqa: E402
 from streamtrain.data.shards import resolve  # noqa: E402
 from streamtrain.data.stream import ShardStream, StreamConfig  # noqa: E402
-from streamtrain.data.transforms import vision_transform  # noqa: E402
+from streamtrain.data.transforms import decode_image, vision_transform  # noqa: E402
 from tests import factories  # noqa: E402
 
 BATCH = 32
@@ -206,7 +206,24 @@ def child_limit(shards: str, samples: int) -> dict:
         decode_s, collate_s = decode_s + collated - began, collate_s + time.perf_counter() - collated
     mean_kb = sum(len(s["jpg"]) for s in raw) / len(raw) / 1e3
     timings = {"seconds": decode_s, "cpu_seconds": cpu, "collate_seconds": collate_s}
-    return {"samples": len(raw), **timings, "mean_jpeg_kb": mean_kb}
+    return {
+        "samples": len(raw),
+        **timings,
+        "mean_jpeg_kb": mean_kb,
+        "reduced_decode": reduced_decode(raw[:100]),
+    }
+
+
+def reduced_decode(raw: list[dict]) -> dict:
+    """Eval decode + transform at 224 px: full-size JPEG decode vs reduced-scale (draft) decode."""
+    evaluate = vision_transform(224, train=False)
+    rates, outputs = {}, {}
+    for name, target in (("full", None), ("reduced", 224)):
+        began = time.perf_counter()
+        outputs[name] = [evaluate(decode_image(sample["jpg"], target)) for sample in raw]
+        rates[name] = len(raw) / (time.perf_counter() - began)
+    diff = max(float((a - b).abs().mean()) for a, b in zip(outputs["full"], outputs["reduced"], strict=True))
+    return {"full_per_s": rates["full"], "reduced_per_s": rates["reduced"], "max_mean_abs_diff": diff}
 
 
 def child_resume(shards: str, workers: int, batches: int) -> dict:
@@ -345,6 +362,13 @@ def report(r: dict) -> None:
         f"which holds on a busy machine where wall-clock ratios do not. One core decodes {rate(lim):,.0f} "
         f"samples/s; collating adds {collate_ms:.2f} ms/sample. Main + workers sums each process's own "
         "peak, so pages shared after fork count once per process."
+    )
+    reduced = lim["reduced_decode"]
+    print(
+        f"\nreduced-scale JPEG decode (eval, 224 px, one core): {reduced['reduced_per_s']:,.0f} images/s vs "
+        f"{reduced['full_per_s']:,.0f} with a full decode "
+        f"({reduced['reduced_per_s'] / reduced['full_per_s']:.2f}x); largest per-image mean |difference| of "
+        f"the normalised tensors: {reduced['max_mean_abs_diff']:.4f}"
     )
     if "resume" in r:
         res = r["resume"]
