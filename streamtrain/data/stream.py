@@ -179,7 +179,11 @@ class ShardStream(IterableDataset):
 
 
 class _Run:
-    """A worker's epoch run (its pieces laid end to end), read by position ranges."""
+    """A worker's epoch run (its pieces laid end to end), read by consecutive position ranges.
+
+    The reader of a piece stays open from one window to the next, so a shard is read once,
+    front to back; only the first window after a resume seeks (by tar headers) into a piece.
+    """
 
     def __init__(
         self, dataset: Dataset, pieces: list[Piece], retry: RetryPolicy | None, warnings: _RateLimitedLog
@@ -189,26 +193,40 @@ class _Run:
         self.retry = retry
         self.warnings = warnings
         self.failed: set[str] = set()
+        self._open: tuple[int, int, Iterator[dict[str, Any]]] | None = None
+        """(piece index, run position of its next sample, its sample iterator)."""
 
     def read(self, start: int, stop: int, stats: Counter[str]) -> dict[int, dict[str, Any]]:
         """Samples at run positions ``[start, stop)``; unreadable ones are absent and counted."""
         found: dict[int, dict[str, Any]] = {}
         offset = 0
-        for piece in self.pieces:
+        for index, piece in enumerate(self.pieces):
             lo, hi = max(start, offset), min(stop, offset + len(piece))
             if lo < hi:
                 shard = self.dataset.shards[piece.shard]
-                first = piece.start + lo - offset
                 position = lo
                 try:
                     if shard.url not in self.failed:  # a shard that failed is not retried this epoch
-                        for sample in iter_samples(shard.url, first, first + hi - lo, self.retry):
-                            found[position] = sample
+                        samples = self._reader(index, piece, offset, lo)
+                        while position < hi:
+                            found[position] = next(samples)
                             position += 1
-                except ShardReadError as exc:
+                            self._open = (index, position, samples)
+                except (ShardReadError, StopIteration) as exc:
+                    self._open = None
                     self.failed.add(shard.url)
                     stats["shard_errors"] += 1
-                    self.warnings.warn(f"skipping the rest of {shard.url}: {exc}")
+                    problem = (
+                        exc if isinstance(exc, ShardReadError) else "fewer samples than its manifest says"
+                    )
+                    self.warnings.warn(f"skipping the rest of {shard.url}: {problem}")
                 stats["unreadable_samples"] += hi - position
             offset += len(piece)
         return found
+
+    def _reader(self, index: int, piece: Piece, offset: int, position: int) -> Iterator[dict[str, Any]]:
+        if self._open is not None and self._open[:2] == (index, position):
+            return self._open[2]
+        first = piece.start + position - offset
+        url = self.dataset.shards[piece.shard].url
+        return iter_samples(url, first, piece.stop, self.retry)  # to the piece's end: kept open

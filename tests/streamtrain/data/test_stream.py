@@ -170,3 +170,19 @@ def test_sample_log_of_an_interrupted_run_equals_an_uninterrupted_one(
     assert read_sample_log(interrupted) == expected
     assert [e["step"] for e in expected] == list(range(1, 31))
     assert all(len(e["sample_ids"]) in (7, 8) for e in expected)
+
+
+def test_each_shard_piece_is_opened_once_per_epoch(shards: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
+    import streamtrain.data.stream as stream_module
+
+    opened = []
+    real = stream_module.iter_samples
+
+    def counting(url: str, first: int, stop: int, retry: Any = None):
+        opened.append((url, first))
+        return real(url, first, stop, retry)
+
+    monkeypatch.setattr(stream_module, "iter_samples", counting)
+    loader = make_loader(shards, workers=0, batch=4, buffer=4)  # many windows per shard
+    take(loader, loader.stream.batches_per_epoch)
+    assert len(opened) == len(set(opened)) <= len(shards.shards) + 1  # +1: a piece split at the end
