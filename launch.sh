@@ -54,7 +54,7 @@ case "$cmd" in
     exec "$VENV/bin/shardify" "$@"
     ;;
   help|-h|--help)
-    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *)
     echo "launch.sh: unknown command '$cmd' (try: sample, test, shardify, setup)" >&2

@@ -32,8 +32,8 @@ class Output:
             self._scratch = os.path.join(self.root, WORK_DIR)
         try:
             if not self.remote:
-                os.makedirs(self._scratch, exist_ok=True)
-                probe = os.path.join(self._scratch, ".write-test")
+                os.makedirs(self.root, exist_ok=True)
+                probe = os.path.join(self.root, ".shardify-write-test")
                 with open(probe, "wb"):
                     pass
                 os.remove(probe)

@@ -273,6 +273,7 @@ def test_rerun_is_a_no_op_and_other_inputs_are_refused(mixed_parquet: Path, tmp_
     with pytest.raises(InputError, match="--overwrite"):
         _convert([other], out)
     assert output_files(out) == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)  # no work folder left behind
     _convert([other], out, overwrite=True)
     assert read_manifest(out)["rows_read"] == 5
     assert len(list(out.glob("*.tar"))) == 1
