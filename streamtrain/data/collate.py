@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils.data import default_collate
 
 IGNORE_INDEX = -100
 """Label of positions that carry no loss (question tokens and padding); torch's cross-entropy default."""
@@ -113,4 +114,6 @@ def _stack(samples: list[dict], key: str, sample_ids: list[str]) -> torch.Tensor
             (sample_id, tuple(tensor.shape)) for sample_id, tensor in zip(sample_ids, tensors, strict=True)
         ]
         raise ValueError(f"cannot stack {key!r}: shapes differ across the batch: {by_id[:8]}")
-    return torch.stack(tensors)
+    # default_collate stacks straight into shared memory inside a dataloader worker, saving the
+    # copy that sending an ordinary tensor to the main process would make.
+    return default_collate(tensors)
