@@ -148,7 +148,3 @@ class Manifest:
             )
         raw["shards"] = [ShardEntry(**entry) for entry in raw["shards"]]
         return cls(**raw)
-
-    @property
-    def total_samples(self) -> int:
-        return sum(entry.samples for entry in self.shards)

@@ -73,9 +73,6 @@ class Output:
         except FileNotFoundError:
             return None
 
-    def exists(self, name: str) -> bool:
-        return bool(self.fs.exists(self.path(name)))
-
     def names(self) -> list[str]:
         """Files directly under the output."""
         try:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
+
+from shardify.journal import PROGRESS_NAME
 
 
 def read_manifest(out: Path) -> dict:
@@ -43,3 +46,14 @@ def read_shard(path: Path) -> list[dict[str, bytes]]:
 def output_files(out: Path) -> dict[str, bytes]:
     """Every visible file of an output (recursively), for byte-for-byte comparisons."""
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def committed_rows(read: Callable[[str], str | bytes]) -> int:
+    """Rows a running conversion's journal says are committed (0 before it exists).
+
+    ``read(name)`` returns the text of a file of the output, wherever the output lives.
+    """
+    try:
+        return json.loads(read(PROGRESS_NAME))["rows_read"]
+    except (FileNotFoundError, ValueError, KeyError):
+        return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests import factories
-from tests.shardify.helpers import output_files, read_manifest, read_shard
+from tests.shardify.helpers import committed_rows, output_files, read_manifest, read_shard
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +31,6 @@ def slow_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ]
         factories.write_parquet(folder / f"part-{part}.parquet", rows, row_group_size=100)
     return folder
-
-
-def _committed_rows(out: Path) -> int:
-    try:
-        return json.loads((out / ".shardify" / "progress.json").read_text())["rows_read"]
-    except (FileNotFoundError, ValueError, KeyError):
-        return 0
 
 
 def _command(source: Path, out: Path, workers: int) -> list[str]:
@@ -84,7 +76,7 @@ def test_killed_conversion_resumes_to_identical_output(slow_input: Path, tmp_pat
         # Kill once the journal has moved past this attempt's mark, plus a random few ms, so the
         # kill lands at an arbitrary point of writing, publishing or journaling.
         mark = 700 * (attempt + 1)
-        while process.poll() is None and _committed_rows(out) < mark:
+        while process.poll() is None and committed_rows(lambda name: (out / name).read_text()) < mark:
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.05))
         if process.poll() is None:

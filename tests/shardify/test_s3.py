@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import pytest
 import s3fs
 
 from tests import factories
-from tests.shardify.helpers import output_files
+from tests.shardify.helpers import committed_rows, output_files
 
 pytestmark = pytest.mark.s3
 
@@ -31,14 +30,6 @@ def _shardify(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
         timeout=timeout,
         env=os.environ.copy(),
     )
-
-
-def _committed_rows(fs: s3fs.S3FileSystem, out: str) -> int:
-    """Rows the journal of a running conversion says are committed (shards published)."""
-    try:
-        return json.loads(fs.cat(f"{out}/.shardify/progress.json"))["rows_read"]
-    except (FileNotFoundError, ValueError):
-        return 0
 
 
 def _inputs(tmp_path: Path, rows: int = 60) -> Path:
@@ -110,7 +101,7 @@ def test_s3_conversion_killed_and_resumed(s3_bucket: str, s3_env, tmp_path: Path
         env=os.environ.copy(),
     )
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and _committed_rows(fs, f"{s3_bucket}/out") == 0:
+    while time.monotonic() < deadline and committed_rows(lambda name: fs.cat(f"{s3_bucket}/out/{name}")) == 0:
         time.sleep(0.1)
     process.send_signal(signal.SIGKILL)
     process.wait()
