@@ -1,10 +1,18 @@
-"""Rebuild the bundled sample: a small Pixmo-shaped caption parquet of real images.
+"""Rebuild the bundled samples: small Pixmo-shaped parquet files of real images.
 
 The images are scikit-learn's handwritten digits (8x8 scans, 1,797 of them), upscaled to 64x64
-and stored as JPEG or PNG bytes, with captions that describe them. A few rows are deliberately
-broken (truncated, not an image, no caption) so the sample shows shardify's skip log at work.
+and stored as JPEG or PNG bytes. Two datasets share them, each split into train (the first
+1,500 scans) and eval (the other 297):
 
-    .venv/bin/python sample/make_sample.py   # rewrites sample/pixmo_digits_caption.parquet
+- ``digits_caption/{train,eval}.parquet`` (sample_id, caption, image_bytes, label): captions
+  that describe what is in the image — the digit and its stroke ("a bold handwritten seven",
+  "a thin handwritten seven": more or less ink than the median scan of that digit), so 20
+  distinct captions, each fully determined by its image. A few train rows are deliberately
+  broken (truncated, not an image, no caption) so the sample shows shardify's skip log at work.
+- ``digits_qa/{train,eval}.parquet`` (sample_id, question, answer, image_bytes): questions
+  about the digit ("What digit is written here?" -> "seven", "Is this digit odd or even?" -> "odd").
+
+    .venv/bin/python sample/make_sample.py   # rewrites the parquet files under sample/
 """
 
 from __future__ import annotations
@@ -20,37 +28,56 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-STYLES = [
-    "a handwritten digit {w}",
-    "the number {w}, written by hand",
-    "a scanned {w} on a dark background",
-    "handwriting: the digit {w}",
+QUESTIONS = [
+    ("What digit is written here?", lambda label: WORDS[label]),
+    ("Which number does this image show?", lambda label: WORDS[label]),
+    ("Is this digit odd or even?", lambda label: "odd" if label % 2 else "even"),
 ]
-OUT = Path(__file__).with_name("pixmo_digits_caption.parquet")
+HERE = Path(__file__).parent
+TRAIN_ROWS = 1500
 
 
-def main() -> None:
+def _images() -> list[tuple[bytes, int, str]]:
+    """(image bytes, digit, stroke) per scan; stroke compares the scan's ink to its digit's median."""
     digits = load_digits()
-    rng = random.Random(0)
-    rows = []
+    ink = digits.images.sum(axis=(1, 2))
+    median = {label: float(np.median(ink[digits.target == label])) for label in range(10)}
+    images = []
     for index, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
         gray = (pixels / 16.0 * 255).astype(np.uint8)
         image = Image.fromarray(gray, "L").resize((64, 64), Image.Resampling.BICUBIC).convert("RGB")
         buffer = io.BytesIO()
         image.save(buffer, "PNG" if index % 5 == 0 else "JPEG", quality=92)
-        word = WORDS[int(label)]
-        rows.append(
-            {
-                "sample_id": f"digits-{index:04d}",
-                "caption": rng.choice(STYLES).format(w=word),
-                "image_bytes": buffer.getvalue(),
-                "label": int(label),
-            }
-        )
-    rows[17]["image_bytes"] = rows[17]["image_bytes"][:150]  # truncated download
-    rows[401]["image_bytes"] = b"<html><body>403 Forbidden</body></html>"  # an error page, not an image
-    rows[902]["caption"] = None  # no caption
-    schema = pa.schema(
+        stroke = "bold" if ink[index] > median[int(label)] else "thin"
+        images.append((buffer.getvalue(), int(label), stroke))
+    return images
+
+
+def _write(rows: list[dict], schema: pa.Schema, folder: str) -> None:
+    out = HERE / folder
+    out.mkdir(exist_ok=True)
+    for split, part in (("train", rows[:TRAIN_ROWS]), ("eval", rows[TRAIN_ROWS:])):
+        path = out / f"{split}.parquet"
+        pq.write_table(pa.Table.from_pylist(part, schema=schema), path, row_group_size=256)
+        print(f"wrote {len(part)} rows to {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+def main() -> None:
+    images = _images()
+    rng = random.Random(0)
+    captions = [
+        {
+            "sample_id": f"digits-{index:04d}",
+            "caption": f"a {stroke} handwritten {WORDS[label]}",
+            "image_bytes": data,
+            "label": label,
+        }
+        for index, (data, label, stroke) in enumerate(images)
+    ]
+    captions[17]["image_bytes"] = captions[17]["image_bytes"][:150]  # truncated download
+    captions[401]["image_bytes"] = b"<html><body>403 Forbidden</body></html>"  # an error page
+    captions[902]["caption"] = None  # no caption
+    caption_schema = pa.schema(
         [
             ("sample_id", pa.string()),
             ("caption", pa.string()),
@@ -58,8 +85,28 @@ def main() -> None:
             ("label", pa.int64()),
         ]
     )
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), OUT, row_group_size=256)
-    print(f"wrote {len(rows)} rows to {OUT} ({OUT.stat().st_size / 1e6:.1f} MB)")
+    _write(captions, caption_schema, "digits_caption")
+
+    qa = []
+    for index, (data, label, _) in enumerate(images):
+        question, answer = QUESTIONS[rng.randrange(len(QUESTIONS))]
+        qa.append(
+            {
+                "sample_id": f"digits-qa-{index:04d}",
+                "question": question,
+                "answer": answer(label),
+                "image_bytes": data,
+            }
+        )
+    qa_schema = pa.schema(
+        [
+            ("sample_id", pa.string()),
+            ("question", pa.string()),
+            ("answer", pa.string()),
+            ("image_bytes", pa.binary()),
+        ]
+    )
+    _write(qa, qa_schema, "digits_qa")
 
 
 if __name__ == "__main__":

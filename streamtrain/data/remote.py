@@ -15,8 +15,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-import botocore.exceptions
+try:  # only S3 reads need these; a local-only install may lack them
+    import aiohttp
+    import botocore.exceptions
+
+    _CLIENT_ERRORS: tuple[type[BaseException], ...] = (botocore.exceptions.ClientError,)
+    _TRANSIENT_LIBRARY_ERRORS: tuple[type[BaseException], ...] = (
+        botocore.exceptions.BotoCoreError,
+        aiohttp.ClientError,
+    )
+except ImportError:
+    _CLIENT_ERRORS = _TRANSIENT_LIBRARY_ERRORS = ()
 
 from shardify.format import filesystem, is_remote
 
@@ -99,15 +108,16 @@ def _failure_kind(exc: BaseException) -> str | None:
         return "missing"
     if isinstance(exc, PermissionError):
         return "denied"
-    if isinstance(exc, botocore.exceptions.ClientError):
-        error = exc.response.get("Error", {})
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    if isinstance(exc, _CLIENT_ERRORS):
+        response: dict[str, Any] = getattr(exc, "response", {})
+        error = response.get("Error", {})
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         if error.get("Code") in ("NoSuchKey", "NoSuchBucket", "404") or status == 404:
             return "missing"
         if status in (401, 403):
             return "denied"
         return "transient" if status >= 500 or status in (408, 429) or "SlowDown" in str(exc) else None
-    if isinstance(exc, OSError | EOFError | botocore.exceptions.BotoCoreError | aiohttp.ClientError):
+    if isinstance(exc, OSError | EOFError | _TRANSIENT_LIBRARY_ERRORS):
         return "transient"  # OSError covers timeouts, resets and s3fs's translated 5xx errors
     return None
 
