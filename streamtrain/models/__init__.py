@@ -1,0 +1,1 @@
+"""Models: vision, audio and text encoders, projectors and the alignment model."""
