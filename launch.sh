@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # streamtrain launcher.
-#   ./launch.sh sample          convert the bundled Pixmo-shaped sample into shards under runs/sample/
+#   ./launch.sh alignment [key=value ...]      alignment pre-training (configs/alignment.yaml)
+#   ./launch.sh train CONFIG [key=value ...]   train any recipe
+#   ./launch.sh sample          convert the bundled Pixmo-shaped samples into shards under runs/sample/
 #   ./launch.sh test [ARGS]     run the test suite (pytest ARGS)
 #   ./launch.sh shardify ARGS   run the converter inside the project environment
 #   ./launch.sh setup           create .venv from requirements.lock (done automatically when missing)
+# Several processes / nodes: NNODES, NODE_RANK, NPROC_PER_NODE (default: GPUs here, else 1),
+# MASTER_ADDR, MASTER_PORT; under Slurm they default to SLURM_NNODES, SLURM_NODEID and the
+# first host of SLURM_JOB_NODELIST. GPUs run through `accelerate launch`, CPUs through torchrun (gloo).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 ROOT=$PWD
@@ -34,16 +39,78 @@ setup_env() {
   echo "$want" >"$stamp"
 }
 
+# Convert the bundled samples (sample/*/{train,eval}.parquet) once; later calls find the manifests.
+prepare_samples() {
+  local dataset split
+  for dataset in sample/*/; do
+    dataset=$(basename "$dataset")
+    for split in train eval; do
+      [[ -f "sample/$dataset/$split.parquet" ]] || continue
+      [[ -f "runs/sample/$dataset/$split/manifest.json" ]] && continue
+      "$VENV/bin/shardify" parquet-to-tar "sample/$dataset/$split.parquet" \
+        --output "runs/sample/$dataset/$split" --max-samples-per-shard 250 --quiet
+    done
+  done
+}
+
+gpu_count() {
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
+  else
+    echo 0
+  fi
+}
+
+# Run `streamtrain train CONFIG ARGS` as one process, or under a launcher for several.
+run_train() {
+  local gpus nnodes node_rank nproc master_addr master_port total
+  gpus=$(gpu_count)
+  nnodes=${NNODES:-${SLURM_NNODES:-1}}
+  node_rank=${NODE_RANK:-${SLURM_NODEID:-0}}
+  nproc=${NPROC_PER_NODE:-$(( gpus > 0 ? gpus : 1 ))}
+  master_addr=${MASTER_ADDR:-}
+  if [[ -z "$master_addr" && -n "${SLURM_JOB_NODELIST:-}" ]] && command -v scontrol >/dev/null; then
+    master_addr=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  fi
+  master_addr=${master_addr:-127.0.0.1}
+  master_port=${MASTER_PORT:-29500}
+  total=$(( nnodes * nproc ))
+  if (( total == 1 )); then
+    exec "$VENV/bin/streamtrain" train "$@"
+  elif (( gpus > 0 )); then
+    exec "$VENV/bin/accelerate" launch --multi_gpu --num_machines "$nnodes" --machine_rank "$node_rank" \
+      --num_processes "$total" --main_process_ip "$master_addr" --main_process_port "$master_port" \
+      --dynamo_backend no -m streamtrain.cli train "$@"
+  elif (( nnodes == 1 )); then
+    exec "$VENV/bin/python" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
+      -m streamtrain.cli train "$@"
+  else
+    exec "$VENV/bin/python" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$node_rank" \
+      --nproc_per_node "$nproc" --master_addr "$master_addr" --master_port "$master_port" \
+      -m streamtrain.cli train "$@"
+  fi
+}
+
 cmd=${1:-help}
 [[ $# -gt 0 ]] && shift
 case "$cmd" in
   setup)
     setup_env
     ;;
+  alignment)
+    setup_env
+    prepare_samples
+    run_train configs/alignment.yaml "$@"
+    ;;
+  train)
+    setup_env
+    prepare_samples
+    run_train "$@"
+    ;;
   sample)
     setup_env
-    exec "$VENV/bin/shardify" parquet-to-tar sample/pixmo_digits_caption.parquet \
-      --output runs/sample/shards --max-samples-per-shard 500 "$@"
+    prepare_samples
+    ls -d runs/sample/*/*/
     ;;
   test)
     setup_env
@@ -54,10 +121,10 @@ case "$cmd" in
     exec "$VENV/bin/shardify" "$@"
     ;;
   help|-h|--help)
-    sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *)
-    echo "launch.sh: unknown command '$cmd' (try: sample, test, shardify, setup)" >&2
+    echo "launch.sh: unknown command '$cmd' (try: alignment, train, sample, test, shardify, setup)" >&2
     exit 2
     ;;
 esac

@@ -45,7 +45,9 @@ class LogitScale(nn.Module):
             raise ValueError(
                 f"need 0 < min_temperature <= temperature, got {min_temperature=} and {temperature=}"
             )
-        log_scale = torch.tensor(math.log(1.0 / temperature))
+        # Shape [1], not a 0-dim scalar: DeepSpeed broadcasts parameters as byte views, which
+        # a 0-dim tensor cannot give.
+        log_scale = torch.tensor([math.log(1.0 / temperature)])
         if learnable:
             self.log_scale = nn.Parameter(log_scale)
         else:
@@ -53,7 +55,7 @@ class LogitScale(nn.Module):
         self.max_scale = 1.0 / min_temperature
 
     def forward(self) -> Tensor:
-        return self.log_scale.exp().clamp(max=self.max_scale)
+        return self.log_scale.exp().clamp(max=self.max_scale).squeeze(0)
 
     @property
     def temperature(self) -> float:

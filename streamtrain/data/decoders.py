@@ -52,10 +52,13 @@ class CaptionDecoder:
     text_dropout_prob: float = 0.0
     audio: AudioConfig | None = None
     """Decode audio members to log-mel when set; images are always decoded when present."""
+    horizontal_flip: bool = True
     _vision: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._vision = vision_transform(self.image_size, train=self.train)
+        self._vision = vision_transform(
+            self.image_size, train=self.train, horizontal_flip=self.horizontal_flip
+        )
 
     def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         metadata = _metadata(raw)
@@ -83,10 +86,16 @@ class QADecoder:
     train: bool = True
     max_question_tokens: int = 128
     max_answer_tokens: int = 128
+    horizontal_flip: bool = True
+    prompt_ids: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
+    """Ids placed before and after the question (e.g. ``chat_prompt_ids(tokenizer)``); the
+    question's ids in a sample include them, so its labels skip them too."""
     _vision: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._vision = vision_transform(self.image_size, train=self.train)
+        self._vision = vision_transform(
+            self.image_size, train=self.train, horizontal_flip=self.horizontal_flip
+        )
 
     def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         metadata = _metadata(raw)
@@ -100,9 +109,10 @@ class QADecoder:
             self.max_question_tokens,
             self.max_answer_tokens,
         )
+        before, after = self.prompt_ids
         return {
             "sample_id": sample_id(raw, metadata),
             "image": self._vision(decode_image(image, self.image_size)),
-            "question_ids": question_ids,
+            "question_ids": [*before, *question_ids, *after],
             "answer_ids": answer_ids,
         }

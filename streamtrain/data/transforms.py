@@ -19,8 +19,16 @@ from torchvision.transforms import v2
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-TRAIN_RESIZE_MARGIN = 32
-"""The train transform resizes the short side to ``size + TRAIN_RESIZE_MARGIN`` before cropping."""
+
+
+def train_resize(size: int) -> int:
+    """Short side the train transform resizes to before its random ``size`` crop.
+
+    ``size + 32`` at 224 (the usual 256 -> 224), scaled with the size below that: at 32 px a
+    fixed +32 margin would crop a quarter of the image and cut most digits in half.
+    """
+    return size + min(32, round(size / 7))
+
 
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 # Pillow raised these from malformed EXIF in past releases; a bad tag must not cost the sample.
@@ -36,12 +44,12 @@ def decode_image(data: bytes, target_size: int | None = None) -> Image.Image:
 
     With ``target_size``, a JPEG much larger than needed is decoded at a reduced scale (1/2, 1/4
     or 1/8, by libjpeg's DCT scaling) whose short side is still at least
-    ``target_size + TRAIN_RESIZE_MARGIN``. After the transforms resize to ``target_size`` the
+    ``train_resize(target_size)``. After the transforms resize to ``target_size`` the
     result equals that of a full decode within resize tolerance, for far less decoding work.
     """
     image = Image.open(io.BytesIO(data))
     if target_size is not None and image.format in ("JPEG", "MPO"):
-        need = target_size + TRAIN_RESIZE_MARGIN
+        need = train_resize(target_size)
         # Requesting (need, need) picks the largest scale keeping min(w, h) / scale >= need.
         image.draft("RGB", (need, need))
     image.load()  # pixel errors propagate; only the EXIF below is optional
@@ -88,21 +96,23 @@ def _bit_depth(image: Image.Image, pixels: np.ndarray) -> int:
 
 
 def vision_transform(
-    size: int, train: bool, color_jitter: float = 0.4
+    size: int, train: bool, color_jitter: float = 0.4, horizontal_flip: bool = True
 ) -> Callable[[Image.Image], torch.Tensor]:
     """The image transform: RGB PIL image -> float32 tensor [3, size, size], CLIP-normalised.
 
-    Train: resize the short side to ``size + 32``, random ``size`` crop, horizontal flip, colour
-    jitter (brightness, contrast, saturation). Eval: resize the short side to ``size``, centre crop.
+    Train: resize the short side to ``train_resize(size)`` (``size + 32`` at 224), random ``size``
+    crop, horizontal flip (unless ``horizontal_flip`` is False: text and digits change meaning
+    mirrored), colour jitter (brightness, contrast, saturation).
+    Eval: resize the short side to ``size``, centre crop.
 
     The random draws come from torch's global generator (torchvision draws no other way), so
     ``torch.manual_seed`` reproduces them; DataLoader workers each get a distinct seed from it.
     """
     if train:
         steps: list[torch.nn.Module] = [
-            v2.Resize(size + TRAIN_RESIZE_MARGIN),
+            v2.Resize(train_resize(size)),
             v2.RandomCrop(size),
-            v2.RandomHorizontalFlip(),
+            *([v2.RandomHorizontalFlip()] if horizontal_flip else []),
             v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter),
         ]
     else:
@@ -213,6 +223,30 @@ def tokenize_qa(
     question_ids = _text_ids(tokenizer, question)[:max_question_tokens]
     answer_ids = [*_text_ids(tokenizer, answer)[: max_answer_tokens - 1], eos]
     return question_ids, answer_ids
+
+
+def chat_prompt_ids(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Ids around a question in one user turn of the tokenizer's chat template, ending in the
+    assistant's turn header; without a chat template, nothing before and a newline after.
+
+    The template is rendered around a marker and the two sides tokenized on their own, so the
+    question itself is tokenized by ``tokenize_qa`` (special-token text in data stays plain text).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return (), tuple(_text_ids(tokenizer, "\n"))
+    marker = "\x00question\x00"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False
+    )
+    before, found, after = text.partition(marker)
+    if not found:
+        raise ValueError("the tokenizer's chat template does not show the user's message")
+    # The template's own control tokens (<|im_start|>, BOS, ...) must be parsed as special tokens.
+    return tuple(_template_ids(tokenizer, before)), tuple(_template_ids(tokenizer, after))
+
+
+def _template_ids(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def _text_ids(tokenizer, text: str) -> list[int]:

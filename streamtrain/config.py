@@ -1,0 +1,414 @@
+"""Typed run configuration: YAML recipe + dotted overrides -> validated dataclasses.
+
+Every section is a dataclass with a docstring under each field. ``load_config`` reads a recipe,
+applies ``key=value`` overrides (values parsed as YAML, so ``train.lr=3e-4`` is a float and
+``data.train=[a,b]`` a list), checks every key and value against the dataclasses, runs each
+section's ``problems()`` check, and raises one ConfigError listing *every* problem with its key
+path, the value given and what is allowed. The phase (``task``) picks the type of ``model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from streamtrain.data.transforms import AudioConfig
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; ``problems`` lists each one."""
+
+    def __init__(self, problems: list[str], source: str = "config") -> None:
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they become batches."""
+
+    train: str | list[str] = ""
+    """Training shards: a shardify output (directory or s3:// prefix), a brace pattern, or a list."""
+    eval: str | list[str] | None = None
+    """Held-out shards, same forms as ``train``; no evaluation when unset."""
+    sample_log: str | None = None
+    """Append one JSON line per optimizer step and rank with that step's sample_ids to this file."""
+    num_workers: int = 2
+    """Dataloader worker processes per rank (0 reads in the training process)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead."""
+    shuffle_buffer: int = 256
+    """Samples per shuffle window per worker (undecoded bytes held in memory); 1 keeps plan order."""
+    image_size: int = 224
+    """Square size images are cropped to."""
+    horizontal_flip: bool = True
+    """Training only: random horizontal flips (turn off for text, digits and other chiral content)."""
+    text_dropout_prob: float = 0.0
+    """Training only: probability that a caption is replaced by the empty string."""
+    audio: AudioConfig | None = None
+    """Decode audio members to log-mel with these settings; audio is ignored when unset."""
+    max_question_tokens: int = 128
+    """QA: longest question kept (tokens)."""
+    max_answer_tokens: int = 128
+    """QA: longest answer kept (tokens, end-of-sequence included)."""
+
+    def problems(self) -> list[str]:
+        found = []
+        if not self.train:
+            found.append("train: required (a shardify output directory, s3:// prefix or brace pattern)")
+        if not 0.0 <= self.text_dropout_prob <= 1.0:
+            found.append(f"text_dropout_prob: {self.text_dropout_prob} is not in [0, 1]")
+        found += _at_least(self, ("num_workers", 0), ("prefetch_factor", 1), ("shuffle_buffer", 1))
+        found += _at_least(self, ("image_size", 8), ("max_question_tokens", 1), ("max_answer_tokens", 2))
+        return found
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    max_steps: int = 1000
+    """Optimizer steps to train for (the run is step-based; epochs roll over inside the stream)."""
+    batch_size: int = 32
+    """Samples per device per micro-batch."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 100
+    """Linear warmup steps before the cosine decay."""
+    min_lr_ratio: float = 0.0
+    """Learning rate at the end of the cosine, as a fraction of ``lr``."""
+    weight_decay: float = 0.1
+    """AdamW weight decay; never applied to biases, norms and the temperature."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this; null disables clipping."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """auto: bf16 on a GPU that supports it, else full precision."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in output_dir if any; none; or a checkpoint path."""
+    deepspeed: str | None = None
+    """DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); plain DDP when unset."""
+    seed: int = 0
+    """Seeds model initialisation, data order and augmentations."""
+
+    def problems(self) -> list[str]:
+        found = _at_least(self, ("max_steps", 1), ("batch_size", 1), ("grad_accum_steps", 1))
+        found += _at_least(self, ("warmup_steps", 0))
+        if self.lr <= 0:
+            found.append(f"lr: {self.lr} must be > 0")
+        if self.weight_decay < 0:
+            found.append(f"weight_decay: {self.weight_decay} must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            found.append(f"min_lr_ratio: {self.min_lr_ratio} is not in [0, 1]")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            found.append(f"betas: {self.betas} must be two numbers in [0, 1)")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            found.append(f"max_grad_norm: {self.max_grad_norm} must be > 0 or null")
+        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
+            found.append(f"deepspeed: {self.deepspeed!r} is not a file")
+        return found
+
+
+@dataclass
+class CheckpointConfig:
+    """Step checkpoints under output_dir/step-XXXXXXXX/."""
+
+    every_steps: int = 500
+    """Save every this many optimizer steps (and at the end); 0 saves only at the end."""
+    keep_last: int = 2
+    """Keep this many most recent checkpoints."""
+    keep_every_steps: int = 0
+    """Also keep checkpoints whose step is a multiple of this (0: none)."""
+    best_metric: str | None = None
+    """Evaluation metric that picks output_dir/best/ (the task's default when unset)."""
+    best_mode: Literal["max", "min"] = "max"
+    """Whether a larger or a smaller best_metric is better."""
+
+    def problems(self) -> list[str]:
+        return _at_least(self, ("every_steps", 0), ("keep_last", 1), ("keep_every_steps", 0))
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation."""
+
+    every_steps: int = 500
+    """Evaluate every this many optimizer steps (and at the end); 0 evaluates only at the end."""
+    batch_size: int = 64
+    """Samples per device per evaluation batch."""
+    max_samples: int | None = None
+    """Evaluate on at most this many held-out samples (the first ones of the eval set)."""
+
+    def problems(self) -> list[str]:
+        found = _at_least(self, ("every_steps", 0), ("batch_size", 1))
+        if self.max_samples is not None and self.max_samples < 1:
+            found.append(f"max_samples: {self.max_samples} must be >= 1 or null")
+        return found
+
+
+@dataclass
+class LogConfig:
+    """Where metrics go."""
+
+    trackers: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl"])
+    """jsonl (output_dir/metrics.jsonl), tensorboard, wandb (offline unless logged in)."""
+    every_steps: int = 10
+    """Log training metrics every this many optimizer steps."""
+    project: str = "streamtrain"
+    """Project name for tensorboard/wandb."""
+    progress_bar: bool = True
+    """Show a tqdm bar on the main process."""
+
+    def problems(self) -> list[str]:
+        return _at_least(self, ("every_steps", 1))
+
+
+@dataclass
+class RunConfig:
+    """A whole run: one training phase and everything it needs."""
+
+    task: str
+    """Training phase: alignment or vlm_qa."""
+    output_dir: str
+    """Checkpoints, metrics, the resolved config and the sample log default live here."""
+    model: Any
+    """The phase's model settings (its own typed section)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _at_least(section: Any, *limits: tuple[str, int]) -> list[str]:
+    return [
+        f"{name}: {getattr(section, name)} must be >= {low}"
+        for name, low in limits
+        if getattr(section, name) < low
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """``["train.lr=3e-4", ...]`` -> nested dict, plus problems with malformed items."""
+    tree: dict[str, Any] = {}
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            problems.append(f"override {item!r}: expected key.path=value")
+            continue
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text  # not YAML: take it as a plain string
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[parts[-1]] = value
+    return tree, problems
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path, overrides: list[str], model_types: dict[str, type]) -> RunConfig:
+    """Read, override and validate a recipe; ``model_types`` maps task name -> its model dataclass."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"cannot read {path}: {exc.strerror}"], source) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"not valid YAML: {exc}"], source) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"the recipe must be a mapping of sections, got {type(raw).__name__}"], source)
+    extra, problems = parse_overrides(overrides)
+    return build_config(merge(raw, extra), model_types, source, problems)
+
+
+def build_config(
+    raw: dict[str, Any],
+    model_types: dict[str, type],
+    source: str = "config",
+    problems: list[str] | None = None,
+) -> RunConfig:
+    problems = list(problems or [])
+    task = raw.get("task")
+    if task not in model_types:
+        problems.append(f"task: {task!r} is not one of {sorted(model_types)}")
+        model_type: Any = dict
+    else:
+        model_type = model_types[task]
+    hints = dict(typing.get_type_hints(RunConfig))
+    hints["model"] = model_type
+    values: dict[str, Any] = {}
+    for name, hint in hints.items():
+        if name in raw:
+            values[name] = _convert(raw[name], hint, name, problems)
+        elif name in ("task", "output_dir"):
+            problems.append(f"{name}: required")
+        elif name == "model" and model_type is not dict:
+            values[name] = _convert({}, model_type, name, problems)
+    problems += _unknown(raw, hints, "")
+    if problems:
+        raise ConfigError(problems, source)
+    config = RunConfig(**values)
+    problems += _section_problems(config, "")
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def _section_problems(obj: Any, prefix: str) -> list[str]:
+    found = []
+    if dataclasses.is_dataclass(obj):
+        if hasattr(obj, "problems"):
+            found += [f"{prefix}{problem}" for problem in obj.problems()]
+        for item in dataclasses.fields(obj):
+            found += _section_problems(getattr(obj, item.name), f"{prefix}{item.name}.")
+    return found
+
+
+def _unknown(raw: dict[str, Any], allowed: dict[str, Any], prefix: str) -> list[str]:
+    found = []
+    for key in raw:
+        if key not in allowed:
+            close = difflib.get_close_matches(str(key), list(allowed), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (allowed: {', '.join(allowed)})"
+            found.append(f"{prefix}{key}: unknown key{hint}")
+    return found
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(v) for v in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(arg) for arg in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if hint is type(None):
+        return "null"
+    if dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+_INVALID = object()
+
+
+def _convert(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
+    """``value`` as type ``hint``; appends a problem and returns _INVALID when it is not."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        others = [arg for arg in args if arg is not type(None)]
+        if len(others) == 1:  # Optional[X]: X's own, more precise complaint
+            return _convert(value, others[0], path, problems)
+        for arg in args:  # the first member that takes the value without complaint
+            attempt: list[str] = []
+            converted = _convert(value, arg, path, attempt)
+            if not attempt:
+                return converted
+        problems.append(f"{path}: {value!r} is not {_describe(hint)}")
+        return _INVALID
+    if origin is Literal:
+        if value in typing.get_args(hint):
+            return value
+        problems.append(f"{path}: {value!r} is not {_describe(hint)}")
+        return _INVALID
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{path}: {value!r} is not {_describe(hint)}")
+            return _INVALID
+        (item_hint,) = typing.get_args(hint)
+        return [_convert(item, item_hint, f"{path}[{i}]", problems) for i, item in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return _convert_dataclass(value, hint, path, problems)
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif hint is Any:
+        return value
+    problems.append(f"{path}: {value!r} is not {_describe(hint)}")
+    return _INVALID
+
+
+def _convert_dataclass(value: Any, cls: Any, path: str, problems: list[str]) -> Any:
+    if dataclasses.is_dataclass(value):
+        return value
+    if not isinstance(value, dict):
+        problems.append(
+            f"{path}: {value!r} is not a mapping of {', '.join(f.name for f in dataclasses.fields(cls))}"
+        )
+        return _INVALID
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    before = len(problems)
+    problems += _unknown(value, {name: None for name in names}, f"{path}.")
+    kwargs = {
+        name: _convert(value[name], hints[name], f"{path}.{name}", problems)
+        for name in names
+        if name in value
+    }
+    if len(problems) > before:
+        return _INVALID
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"{path}: {exc}")
+        return _INVALID

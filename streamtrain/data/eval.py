@@ -1,0 +1,97 @@
+"""One finite pass over a held-out set: every sample read once by exactly one (rank, worker).
+
+Unlike training, evaluation must neither drop nor repeat samples to equalise ranks, so the
+split is by contiguous sample ranges of the shards in manifest order: rank r of W takes
+``[N*r/W, N*(r+1)/W)`` and divides it the same way among its workers. Ranks may therefore hold
+batch counts that differ by one; callers gather variable-sized results (see train/distributed).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from streamtrain.data.plan import slice_sequence
+from streamtrain.data.remote import RetryPolicy, ShardReadError, iter_samples
+from streamtrain.data.shards import Dataset
+from streamtrain.data.stream import Collate, Decode
+
+
+def _share(total: int, parts: int, index: int) -> tuple[int, int]:
+    return total * index // parts, total * (index + 1) // parts
+
+
+class EvalStream(IterableDataset):
+    """This rank's share of a held-out set as ``(batch, read_stats)`` pairs, in manifest order."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        decode: Decode,
+        collate: Collate,
+        max_samples: int | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.rank = rank
+        self.world_size = world_size
+        self.batch_size = batch_size
+        self.decode = decode
+        self.collate = collate
+        self.total = dataset.samples if max_samples is None else min(max_samples, dataset.samples)
+        self.retry = retry
+
+    def __iter__(self) -> Iterator[tuple[Any, dict[str, int]]]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        rank_lo, rank_hi = _share(self.total, self.world_size, self.rank)
+        lo, hi = _share(rank_hi - rank_lo, workers, worker)
+        shards = list(self.dataset.shards)
+        pieces = slice_sequence(shards, list(range(len(shards))), rank_lo + lo, rank_lo + hi)
+        rng = random.Random(0)  # eval decoders draw nothing, but the decoder contract takes one
+        pending: list[Any] = []
+        stats: Counter[str] = Counter()
+        for piece in pieces:
+            url = shards[piece.shard].url
+            read = 0
+            try:
+                for raw in iter_samples(url, piece.start, piece.stop, self.retry):
+                    read += 1
+                    try:
+                        pending.append(self.decode(raw, rng))
+                    except Exception:  # a bad held-out sample is counted, never fatal
+                        stats["decode_errors"] += 1
+                        continue
+                    if len(pending) == self.batch_size:
+                        stats["samples"] += len(pending)
+                        yield self.collate(pending), dict(stats)
+                        pending, stats = [], Counter()
+            except ShardReadError:
+                stats["shard_errors"] += 1
+            if read < len(piece):
+                stats["unreadable_samples"] += len(piece) - read
+        if pending:
+            stats["samples"] += len(pending)
+            yield self.collate(pending), dict(stats)
+        elif stats:
+            yield None, dict(stats)
+
+
+def eval_batches(stream: EvalStream, num_workers: int) -> Iterator[tuple[Any, dict[str, int]]]:
+    """Iterate ``stream`` with ``num_workers`` loader processes (batches in any order)."""
+    workers = max(0, min(num_workers, stream.total // max(1, stream.world_size)))
+    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()

@@ -1,0 +1,11 @@
+"""Training phases, by the name a recipe's ``task`` key uses."""
+
+from __future__ import annotations
+
+from streamtrain.tasks.alignment import AlignmentTask
+
+
+
+def model_types() -> dict[str, type]:
+    """Task name -> the dataclass of its ``model`` section."""
+    return {name: task.ModelConfig for name, task in TASKS.items()}

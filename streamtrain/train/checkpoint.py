@@ -1,0 +1,157 @@
+"""Step checkpoint folders: naming, atomic publication, the completion marker, rotation, best/.
+
+A checkpoint is ``output_dir/step-00001200/``. It is written under ``.tmp-step-00001200``,
+renamed into place, and only then gets its completion marker (``COMPLETE``); a folder without
+the marker (a crash between rename and marker, or a half-deleted one) is never chosen for
+resume. "Latest" is the highest step whose folder has the marker — the step comes from the
+marker's content, checked against the name, never from the folder name alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+MARKER = "COMPLETE"
+BEST = "best"
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")
+TMP_PREFIX = ".tmp-"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, payload: object) -> None:
+    """Write ``path`` through a temporary file + fsync + rename, so readers see old or new."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    with open(tmp, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def staging_dir(output_dir: Path, step: int) -> Path:
+    """Where checkpoint ``step`` is written before publication (emptied first)."""
+    staging = output_dir / f"{TMP_PREFIX}{step_dir_name(step)}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    return staging
+
+
+def _fsync_tree(root: Path) -> None:
+    for directory, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(Path(directory) / name, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(directory))
+
+
+def publish(staging: Path, output_dir: Path, step: int) -> Path:
+    """Rename a fully written staging folder to ``step-XXXXXXXX`` and mark it complete."""
+    _fsync_tree(staging)
+    final = output_dir / step_dir_name(step)
+    if final.exists():  # an incomplete leftover of an interrupted run at the same step
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    _fsync_dir(output_dir)
+    write_json_atomic(final / MARKER, {"step": step, "time": time.time()})
+    _fsync_dir(final)
+    return final
+
+
+def is_complete(directory: Path) -> bool:
+    step = marker_step(directory)
+    match = _STEP_DIR.match(directory.name)
+    return step is not None and (match is None or int(match.group(1)) == step)
+
+
+def marker_step(directory: Path) -> int | None:
+    """The step recorded by ``directory``'s completion marker, or None when it has none."""
+    try:
+        payload = json.loads((directory / MARKER).read_text())
+        return int(payload["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def step_dirs(output_dir: Path) -> list[tuple[int, Path]]:
+    """Every ``step-*`` folder, complete or not, by step."""
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_complete(output_dir: Path) -> Path | None:
+    """The newest checkpoint whose completion marker exists, or None."""
+    complete = [path for _, path in step_dirs(output_dir) if is_complete(path)]
+    return complete[-1] if complete else None
+
+
+def remove_stale(output_dir: Path) -> list[Path]:
+    """Delete staging folders and unmarked step folders left by an interrupted run."""
+    removed = []
+    if not output_dir.is_dir():
+        return removed
+    for child in output_dir.iterdir():
+        stale = child.name.startswith(TMP_PREFIX) or (
+            _STEP_DIR.match(child.name) is not None and child.is_dir() and not is_complete(child)
+        )
+        if stale:
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+            removed.append(child)
+    return removed
+
+
+def rotate(output_dir: Path, keep_last: int, keep_every_steps: int) -> list[Path]:
+    """Delete complete checkpoints but the newest ``keep_last`` and multiples of ``keep_every_steps``."""
+    complete = [(step, path) for step, path in step_dirs(output_dir) if is_complete(path)]
+    keep = {step for step, _ in complete[-keep_last:]}
+    if keep_every_steps:
+        keep |= {step for step, _ in complete if step % keep_every_steps == 0}
+    removed = []
+    for step, path in complete:
+        if step not in keep:
+            # Unmark first: a crash mid-delete must not leave a half folder that looks complete.
+            (path / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    """Atomically-as-possible swap ``target`` for the fully written ``staging`` folder."""
+    _fsync_tree(staging)
+    old = target.with_name(f"{TMP_PREFIX}old-{target.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(staging, target)
+    _fsync_dir(target.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,76 @@
+"""Metric trackers: a plain JSONL file in output_dir, plus Accelerate's tensorboard and wandb.
+
+The JSONL file is kept by the main process itself rather than as an Accelerate tracker, since
+Accelerate builds tracker objects on every rank before ranks are known, and rewinding the file
+on resume must happen once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class JsonlTracker:
+    """One JSON line per ``log`` call: ``{"step": s, name: value, ...}`` in ``output_dir/metrics.jsonl``.
+
+    Created with the step the run resumes from, it first drops the lines an interrupted run
+    wrote after that step, so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike[str], resume_step: int = 0) -> None:
+        self.path = Path(output_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rewind(resume_step)
+        self._handle = open(self.path, "a")
+
+    def rewind(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash mid-write
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def log(self, values: dict[str, Any], step: int) -> None:
+        record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+
+    def finish(self) -> None:
+        self._handle.close()
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_metrics(output_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    path = Path(output_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def accelerate_trackers(names: list[str], output_dir: Path) -> list[str]:
+    """The names for ``Accelerator(log_with=...)``; wandb stays offline unless the user logged in."""
+    trackers = []
+    for name in names:
+        if name == "wandb":
+            if not (os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").exists()):
+                os.environ.setdefault("WANDB_MODE", "offline")
+            os.environ.setdefault("WANDB_DIR", str(output_dir))
+        if name != "jsonl":
+            trackers.append(name)
+    return trackers

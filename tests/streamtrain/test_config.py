@@ -1,0 +1,141 @@
+"""Recipes + dotted overrides -> typed config; every problem reported together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import yaml
+
+from streamtrain.config import ConfigError, load_config, parse_overrides
+
+
+@dataclass
+class Inner:
+    """A nested model section."""
+
+    width: int = 8
+    kind: str = "small"
+
+
+@dataclass
+class ToyModel:
+    """A model section of a toy task."""
+
+    dims: list[int] = field(default_factory=lambda: [4, 8])
+    inner: Inner | None = field(default_factory=Inner)
+
+    def problems(self) -> list[str]:
+        return [] if self.dims == sorted(self.dims) else [f"dims: {self.dims} must ascend"]
+
+
+TYPES = {"toy": ToyModel}
+
+
+def write(tmp_path: Path, payload: object) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(payload) if not isinstance(payload, str) else payload)
+    return path
+
+
+def base() -> dict:
+    return {"task": "toy", "output_dir": "runs/x", "data": {"train": "shards/"}}
+
+
+def test_defaults_overrides_and_types(tmp_path: Path) -> None:
+    config = load_config(
+        write(tmp_path, base()),
+        [
+            "train.max_steps=200",
+            "train.lr=3e-4",
+            "data.train=[a, s3://b/c]",
+            "model.inner.width=16",
+            "train.max_grad_norm=null",
+            "log.trackers=[jsonl,tensorboard]",
+        ],
+        TYPES,
+    )
+    assert config.train.max_steps == 200 and config.train.lr == pytest.approx(3e-4)
+    assert config.data.train == ["a", "s3://b/c"]
+    assert config.model.inner.width == 16 and config.model.dims == [4, 8]
+    assert config.train.max_grad_norm is None
+    assert config.log.trackers == ["jsonl", "tensorboard"]
+    assert config.train.resume == "auto"
+    # The resolved config round-trips through YAML.
+    again = load_config(write(tmp_path, config.to_yaml()), [], TYPES)
+    assert again == config
+
+
+def test_int_where_float_expected_and_null_section(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, base()), ["train.lr=1", "model.inner=null"], TYPES)
+    assert config.train.lr == 1.0 and isinstance(config.train.lr, float)
+    assert config.model.inner is None
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    recipe = base() | {"trian": {}}
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            write(tmp_path, recipe),
+            [
+                "train.max_step=3",
+                "train.lr=fast",
+                "data.num_workers=-1",
+                "train.mixed_precision=fp8",
+                "model.dims=[8,4]",
+                "model.inner.widht=2",
+                "noequals",
+            ],
+            TYPES,
+        )
+    problems = "\n".join(caught.value.problems)
+    assert "trian: unknown key (did you mean train?)" in problems
+    assert "train.max_step: unknown key (did you mean train.max_steps?)" in problems
+    assert "train.lr: 'fast' is not float" in problems
+    assert "train.mixed_precision: 'fp8' is not one of 'auto', 'no', 'bf16', 'fp16'" in problems
+    assert "model.inner.widht: unknown key (did you mean model.inner.width?)" in problems
+    assert "override 'noequals': expected key.path=value" in problems
+    assert len(caught.value.problems) == 6  # value checks (problems()) run once types are right
+
+
+def test_value_checks_run_when_types_are_right(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(
+            write(tmp_path, base()),
+            ["data.num_workers=-1", "model.dims=[8,4]", "train.betas=[0.9]", "data.text_dropout_prob=2"],
+            TYPES,
+        )
+    assert sorted(caught.value.problems) == [
+        "data.num_workers: -1 must be >= 0",
+        "data.text_dropout_prob: 2.0 is not in [0, 1]",
+        "model.dims: [8, 4] must ascend",
+        "train.betas: [0.9] must be two numbers in [0, 1)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("task: [unclosed", "not valid YAML"),
+        ("- a\n- b\n", "must be a mapping"),
+        ("output_dir: x\n", "task: None is not one of ['toy']"),
+        ("task: toy\n", "output_dir: required"),
+    ],
+)
+def test_malformed_recipes(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace("]", r"\]")):
+        load_config(write(tmp_path, text), [], TYPES)
+
+
+def test_missing_file_and_required_train_data(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml", [], TYPES)
+    with pytest.raises(ConfigError, match=r"data\.train: required"):
+        load_config(write(tmp_path, {"task": "toy", "output_dir": "x"}), [], TYPES)
+
+
+def test_parse_overrides_nests_and_parses_yaml() -> None:
+    tree, problems = parse_overrides(["a.b.c=1", "a.b.d=x y", "a.e=[1, 2]", "f="])
+    assert tree == {"a": {"b": {"c": 1, "d": "x y"}, "e": [1, 2]}, "f": ""}
+    assert problems == []

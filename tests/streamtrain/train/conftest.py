@@ -1,0 +1,82 @@
+"""Fixtures for trainer tests: the bundled digits sample as shards, and a runner for the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shardify.convert import ConvertOptions, convert
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The bundled caption sample converted by shardify: {"train": dir, "eval": dir}."""
+    out = tmp_path_factory.mktemp("digits")
+    shards = {}
+    for split in ("train", "eval"):
+        shards[split] = out / split
+        convert(
+            [str(ROOT / "sample" / "digits_caption" / f"{split}.parquet")],
+            ConvertOptions(output=str(shards[split]), max_samples_per_shard=250),
+        )
+    return shards
+
+
+def tiny_overrides(shards: dict[str, Path], output: Path, **extra: object) -> list[str]:
+    """The alignment recipe shrunk to seconds: 16 px digits, a narrow CNN, short evals."""
+    values: dict[str, object] = {
+        "output_dir": output,
+        "data.train": shards["train"],
+        "data.eval": shards["eval"],
+        "data.image_size": 16,
+        "data.num_workers": 1,
+        "data.shuffle_buffer": 64,
+        "model.vision.width": 16,
+        "model.loss.mrl_dims": "[16,32]",
+        "train.batch_size": 16,
+        "train.warmup_steps": 2,
+        "log.every_steps": 1,
+        "log.progress_bar": "false",
+        "eval.max_samples": 64,
+        "eval.batch_size": 32,
+    }
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def env() -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
+    }
+
+
+def streamtrain(args: list[str], nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run ``streamtrain train`` in real processes (torchrun for several), output captured."""
+    if nproc == 1:
+        command = [sys.executable, "-m", "streamtrain.cli", *args]
+    else:
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            "-m",
+            "streamtrain.cli",
+            *args,
+        ]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"streamtrain hung; output:\n{exc.stdout}\n{exc.stderr}") from None

@@ -1,0 +1,190 @@
+"""End-to-end alignment runs on CPU: in-process, killed and resumed, and two DeepSpeed processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from streamtrain.config import load_config
+from streamtrain.data.sample_log import read_sample_log
+from streamtrain.tasks import TASKS, model_types
+from streamtrain.train import checkpoint
+from streamtrain.train.tracking import read_metrics
+from streamtrain.train.trainer import Trainer
+from tests.streamtrain.train.conftest import ROOT, env, streamtrain, tiny_overrides
+
+RECIPE = ROOT / "configs" / "alignment.yaml"
+
+
+def losses(output: Path) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in read_metrics(output) if "train/loss" in m}
+
+
+def by_step(log: Path) -> dict[tuple[int, int], list[str]]:
+    return {(line["step"], line["rank"]): line["sample_ids"] for line in read_sample_log(log)}
+
+
+def test_in_process_run_trains_evaluates_and_checkpoints(
+    digits_shards: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    overrides = tiny_overrides(
+        digits_shards,
+        out,
+        **{
+            "train.max_steps": 6,
+            "checkpoint.every_steps": 2,
+            "checkpoint.keep_last": 2,
+            "eval.every_steps": 3,
+            "data.sample_log": out / "samples.jsonl",
+        },
+    )
+    config = load_config(RECIPE, overrides, model_types())
+    metrics = Trainer(config, TASKS["alignment"](config)).fit()
+
+    assert [p.name for _, p in checkpoint.step_dirs(out)] == ["step-00000004", "step-00000006"]
+    last = out / "step-00000006"
+    assert checkpoint.is_complete(last)
+    for name in (
+        "model.safetensors",
+        "optimizer.bin",
+        "scheduler.bin",
+        "config.yaml",
+        "trainer_state.json",
+        "data/rank-00000.json",
+    ):
+        assert (last / name).exists(), name
+    weights = load_file(last / "model.safetensors")
+    assert any(key.startswith("vision_proj") for key in weights)
+    assert json.loads((last / "trainer_state.json").read_text())["step"] == 6
+    assert json.loads((last / "data" / "rank-00000.json").read_text())["batches"] == 6
+
+    logged = read_metrics(out)
+    train = [m for m in logged if "train/loss" in m]
+    assert [m["step"] for m in train] == [1, 2, 3, 4, 5, 6]
+    for key in (
+        "train/lr",
+        "train/grad_norm",
+        "train/temperature",
+        "train/samples_per_s",
+        "train/data_wait_fraction",
+        "data/samples",
+    ):
+        assert key in train[-1], key
+    assert train[-1]["data/samples"] == 6 * 16
+    evals = [m for m in logged if "image_to_text/R@1/dim32" in m]
+    assert [m["step"] for m in evals] == [3, 6]
+    assert metrics["eval/samples"] == 64
+    assert {"image_to_text/R@10/dim16", "text_to_image/R@5/dim32", "image_to_text/chance@1"} <= set(metrics)
+    best = json.loads((out / "best" / "metrics.json").read_text())
+    assert best["step"] in (3, 6) and (out / "best" / "model.safetensors").exists()
+    assert len(read_sample_log(out / "samples.jsonl")) == 6
+    assert (out / "config.yaml").exists() and (out / "final_metrics.json").exists()
+
+    # Running again with the same max_steps finds the last checkpoint and has nothing to do.
+    config = load_config(RECIPE, overrides, model_types())
+    assert Trainer(config, TASKS["alignment"](config)).fit()["eval/samples"] == 64
+
+
+def _wait_for(predicate, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"run ended before the kill point:\n{process.stderr.read()}")  # type: ignore[union-attr]
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("kill point never reached")
+        time.sleep(0.05)
+
+
+def test_sigkilled_run_resumes_exactly(digits_shards: dict[str, Path], tmp_path: Path) -> None:
+    common = {
+        "train.max_steps": 10,
+        "checkpoint.every_steps": 4,
+        "data.num_workers": 2,
+        "eval.every_steps": 0,
+    }
+    reference = tmp_path / "reference"
+    args = tiny_overrides(digits_shards, reference, **common, **{"data.sample_log": reference / "s.jsonl"})
+    done = streamtrain(["train", str(RECIPE), *args])
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    args = tiny_overrides(digits_shards, killed, **common, **{"data.sample_log": killed / "s.jsonl"})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "streamtrain.cli", "train", str(RECIPE), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+    )
+    # Kill (SIGKILL, no cleanup) two steps after the step-4 checkpoint is complete.
+    _wait_for(
+        lambda: checkpoint.is_complete(killed / "step-00000004") and max(losses(killed), default=0) >= 6,
+        process,
+        timeout=180,
+    )
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert max(losses(killed)) >= 6 and checkpoint.latest_complete(killed) == killed / "step-00000004"
+
+    resumed = streamtrain(["train", str(RECIPE), *args])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr + resumed.stdout
+
+    assert by_step(killed / "s.jsonl") == by_step(reference / "s.jsonl")
+    assert len(by_step(reference / "s.jsonl")) == 10
+    expected, got = losses(reference), losses(killed)
+    assert sorted(got) == list(range(1, 11))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+    final_ref = load_file(reference / "step-00000010" / "model.safetensors")
+    final_got = load_file(killed / "step-00000010" / "model.safetensors")
+    for key, tensor in final_ref.items():
+        assert (final_got[key] - tensor).abs().max() < 1e-5, key
+
+
+def test_two_process_deepspeed_zero2_saves_and_resumes(
+    digits_shards: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "ds"
+    common = {
+        "train.deepspeed": ROOT / "configs" / "deepspeed" / "zero2.json",
+        "checkpoint.every_steps": 3,
+        "eval.every_steps": 0,
+        "data.sample_log": out / "s.jsonl",
+    }
+    first = streamtrain(
+        ["train", str(RECIPE), *tiny_overrides(digits_shards, out, **common, **{"train.max_steps": 3})],
+        nproc=2,
+        timeout=400,
+    )
+    assert first.returncode == 0, first.stderr[-4000:]
+    step3 = out / "step-00000003"
+    assert checkpoint.is_complete(step3)
+    assert (step3 / "data" / "rank-00000.json").exists() and (step3 / "data" / "rank-00001.json").exists()
+    assert any(path.is_dir() for path in step3.iterdir() if path.name.startswith("pytorch_model"))
+    weights = load_file(step3 / "model.safetensors")  # gathered from ZeRO's partitions
+    assert {"vision_proj.layers.0.weight", "logit_scale.log_scale"} <= set(weights)
+
+    second = streamtrain(
+        ["train", str(RECIPE), *tiny_overrides(digits_shards, out, **common, **{"train.max_steps": 5})],
+        nproc=2,
+        timeout=400,
+    )
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resumed from" in second.stderr + second.stdout
+    log = by_step(out / "s.jsonl")
+    assert sorted(log) == [(step, rank) for step in range(1, 6) for rank in (0, 1)]
+    ids = [i for ids in log.values() for i in ids]
+    assert len(ids) == len(set(ids)) == 5 * 2 * 16  # no sample repeated across steps or ranks
+    assert json.loads((out / "step-00000005" / "trainer_state.json").read_text())["step"] == 5
