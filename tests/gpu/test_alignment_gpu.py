@@ -1,0 +1,147 @@
+"""Alignment on CUDA: bf16 mixed precision, DeepSpeed ZeRO-2 save/resume, and loader -> GPU throughput.
+
+Self-contained (no MiniLM: a tiny CLIP text encoder built here), so they run on a bare GPU machine.
+Figures are printed and, when $OUT is set, written to $OUT/gpu_alignment.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardify.convert import ConvertOptions, convert
+from streamtrain.config import load_config
+from streamtrain.data.collate import collate_alignment
+from streamtrain.data.decoders import CaptionDecoder
+from streamtrain.data.loader import StreamLoader
+from streamtrain.data.plan import Topology
+from streamtrain.data.shards import resolve
+from streamtrain.data.stream import ShardStream, StreamConfig
+from streamtrain.tasks import TASKS, model_types
+from streamtrain.train import checkpoint
+from streamtrain.train.tracking import read_metrics
+from streamtrain.train.trainer import Trainer
+from tests.streamtrain.models.conftest import tiny_clip_text_config, tiny_clip_tokenizer
+from tests.streamtrain.train.conftest import ROOT, streamtrain
+
+pytestmark = pytest.mark.gpu
+RECIPE = ROOT / "configs" / "alignment.yaml"
+RESULTS: dict[str, object] = {}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from transformers import CLIPTextModel
+
+    out = tmp_path_factory.mktemp("gpu")
+    paths = {}
+    for split in ("train", "eval"):
+        paths[split] = out / split
+        convert(
+            [str(ROOT / "sample" / "digits_caption" / f"{split}.parquet")],
+            ConvertOptions(output=str(paths[split]), max_samples_per_shard=250),
+        )
+    tokenizer = tiny_clip_tokenizer()
+    paths["text"] = out / "clip_text"
+    CLIPTextModel(tiny_clip_text_config(tokenizer)).save_pretrained(paths["text"])
+    tokenizer.save_pretrained(paths["text"])
+    return paths
+
+
+def overrides(paths: dict[str, Path], output: Path, **extra: object) -> list[str]:
+    values: dict[str, object] = {
+        "output_dir": output,
+        "data.train": paths["train"],
+        "data.eval": paths["eval"],
+        "model.text.kind": "clip",
+        "model.text.path": paths["text"],
+        "model.text.trainable": "true",
+        "train.max_steps": 30,
+        "checkpoint.every_steps": 15,
+        "eval.every_steps": 15,
+        "log.every_steps": 1,
+        "log.progress_bar": "false",
+        **extra,
+    }
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def test_bf16_on_cuda(setup: dict[str, Path], tmp_path: Path) -> None:
+    config = load_config(RECIPE, overrides(setup, tmp_path / "run"), model_types())
+    trainer = Trainer(config, TASKS["alignment"](config))
+    metrics = trainer.fit()
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert trainer.accelerator.device.type == "cuda"
+    losses = [m["train/loss"] for m in read_metrics(tmp_path / "run") if "train/loss" in m]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # it learns in bf16 too
+    assert checkpoint.is_complete(tmp_path / "run" / "step-00000030")
+    RESULTS["bf16"] = {"first_losses": losses[:5], "last_losses": losses[-5:], **metrics}
+    _write()
+
+
+def test_deepspeed_zero2_on_cuda_saves_and_resumes(setup: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    common = {
+        "train.deepspeed": ROOT / "configs" / "deepspeed" / "zero2.json",
+        "eval.every_steps": 0,
+        "checkpoint.every_steps": 5,
+    }
+    first = streamtrain(
+        ["train", str(RECIPE), *overrides(setup, out, **common, **{"train.max_steps": 5})],
+        nproc=1,
+        timeout=400,
+    )
+    assert first.returncode == 0, first.stderr[-4000:]
+    assert checkpoint.is_complete(out / "step-00000005")
+    second = streamtrain(
+        ["train", str(RECIPE), *overrides(setup, out, **common, **{"train.max_steps": 10})],
+        nproc=1,
+        timeout=400,
+    )
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "resumed from" in second.stdout + second.stderr
+    steps = [m["step"] for m in read_metrics(out) if "train/loss" in m]
+    assert steps == list(range(1, 11))
+    RESULTS["deepspeed_zero2_cuda"] = "saved at 5, resumed to 10"
+    _write()
+
+
+def test_loader_to_gpu_throughput(setup: dict[str, Path]) -> None:
+    """Batches of 224 px train-transformed images delivered onto the GPU, K workers, pinned memory."""
+    device = torch.device("cuda")
+    dataset = resolve(str(setup["train"]))
+    workers = min(8, os.cpu_count() or 1)
+    stream = ShardStream(
+        dataset,
+        Topology(num_workers=workers, batch_size=64),
+        CaptionDecoder(image_size=224, train=True),
+        collate_alignment,
+        StreamConfig(seed=0, shuffle_buffer=256),
+    )
+    loader = StreamLoader(stream, pin_memory=True)
+    for _ in range(workers):  # start-up: every worker delivers once
+        next(loader)
+    started, samples = time.perf_counter(), 0
+    for _ in range(60):
+        batch = next(loader)
+        image = batch["image"].to(device, non_blocking=True)
+        samples += image.shape[0]
+    torch.cuda.synchronize()
+    rate = samples / (time.perf_counter() - started)
+    loader.close()
+    assert image.is_cuda and image.shape[1:] == (3, 224, 224)
+    RESULTS["loader_to_gpu"] = {"workers": workers, "samples_per_s": rate}
+    print(f"loader -> GPU: {rate:.0f} samples/s at 224 px with {workers} workers")
+    _write()
+
+
+def _write() -> None:
+    out = os.environ.get("OUT")
+    if out:
+        Path(out, "gpu_alignment.json").write_text(json.dumps(RESULTS, indent=2, default=float))
