@@ -117,7 +117,7 @@ def _failure_kind(exc: BaseException) -> str | None:
         if status in (401, 403):
             return "denied"
         return "transient" if status >= 500 or status in (408, 429) or "SlowDown" in str(exc) else None
-    if isinstance(exc, OSError | EOFError | _TRANSIENT_LIBRARY_ERRORS):
+    if isinstance(exc, (OSError, EOFError, *_TRANSIENT_LIBRARY_ERRORS)):
         return "transient"  # OSError covers timeouts, resets and s3fs's translated 5xx errors
     return None
 

@@ -177,8 +177,13 @@ def test_two_process_deepspeed_zero2_saves_and_resumes(
     weights = load_file(step3 / "model.safetensors")  # gathered from ZeRO's partitions
     assert {"vision_proj.layers.0.weight", "logit_scale.log_scale"} <= set(weights)
 
+    # The resumed run also evaluates at its end: held-out samples split across the two ranks and gathered.
     second = streamtrain(
-        ["train", str(RECIPE), *tiny_overrides(digits_shards, out, **common, **{"train.max_steps": 5})],
+        [
+            "train",
+            str(RECIPE),
+            *tiny_overrides(digits_shards, out, **{**common, "train.max_steps": 5, "eval.every_steps": 5}),
+        ],
         nproc=2,
         timeout=400,
     )
@@ -189,6 +194,7 @@ def test_two_process_deepspeed_zero2_saves_and_resumes(
     ids = [i for ids in log.values() for i in ids]
     assert len(ids) == len(set(ids)) == 5 * 2 * 16  # no sample repeated across steps or ranks
     assert json.loads((out / "step-00000005" / "trainer_state.json").read_text())["step"] == 5
+    assert json.loads((out / "final_metrics.json").read_text())["eval/samples"] == 64  # none lost or doubled
 
 
 def test_bundled_recipe_learns(digits_shards: dict[str, Path], tmp_path: Path) -> None:
