@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked loader workers tokenize
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    from transformers.utils import logging as hf_logging
+
     from streamtrain.config import ConfigError, load_config
     from streamtrain.data.loader import LoaderStateError
     from streamtrain.data.plan import PlanError
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from streamtrain.tasks import TASKS, model_types
     from streamtrain.train.trainer import Trainer, TrainingError
 
+    hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with training's
     try:
         config = load_config(args.config, args.overrides, model_types())
         if args.command == "config":
