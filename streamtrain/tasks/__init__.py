@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from streamtrain.tasks.alignment import AlignmentTask
 
+TASKS: dict[str, type] = {"alignment": AlignmentTask}
 
 
 def model_types() -> dict[str, type]:
