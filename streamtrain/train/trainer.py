@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import socket
 import time
 from collections import Counter
 from pathlib import Path
@@ -210,7 +212,10 @@ class Trainer:
         losses, extras = [], {}
         for _ in range(self.config.train.grad_accum_steps):
             waited = time.perf_counter()
-            batch = _to_device(next(self.train_loader), device)
+            # A loader (re)starting draws its worker seed from the global RNG, at step 0 or at the
+            # resumed step: isolated, the RNG stream training sees (dropout) is the same either way.
+            with torch.random.fork_rng(devices=[]):
+                batch = _to_device(next(self.train_loader), device)
             window.data_wait += time.perf_counter() - waited
             window.samples += _batch_size(batch)
             self.samples_seen += _batch_size(batch) * acc.num_processes
@@ -431,6 +436,7 @@ def _build_accelerator(config: RunConfig, output_dir: Path) -> Accelerator:
     handlers = []
     plugin = None
     if config.train.deepspeed:
+        _single_process_group_env()
         plugin = DeepSpeedPlugin(hf_ds_config=_deepspeed_config(config, precision))
         if not cuda:  # DeepSpeed on CPU needs gloo named explicitly (see ENVIRONMENT.md)
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
@@ -446,6 +452,23 @@ def _build_accelerator(config: RunConfig, output_dir: Path) -> Accelerator:
         kwargs_handlers=handlers,
         step_scheduler_with_optimizer=False,
     )
+
+
+def _single_process_group_env() -> None:
+    """DeepSpeed needs a process group even alone: give a launcher-less process the env of one."""
+    if "WORLD_SIZE" in os.environ:
+        return  # started by torchrun / accelerate launch
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
+    os.environ.update(env)
 
 
 def _deepspeed_config(config: RunConfig, precision: str) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def tiny_overrides(shards: dict[str, Path], output: Path, **extra: object) -> li
 def env() -> dict[str, str]:
     return {
         **os.environ,
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"),
