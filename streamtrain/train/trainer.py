@@ -68,6 +68,12 @@ class Trainer:
             config.checkpoint.best_mode if config.checkpoint.best_metric else task.default_best_mode
         )
         self.jsonl: JsonlTracker | None = None
+        # DeepSpeed's own bf16/fp16 (when a config enables it explicitly) keeps the weights in half
+        # precision and disables autocast in its engine, so floating inputs must arrive in it.
+        ds = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        ds_config = ds.deepspeed_config if ds is not None else {}
+        half = [name for name in ("bf16", "fp16") if ds_config.get(name, {}).get("enabled") is True]
+        self._input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[half[0]] if half else None
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -215,7 +221,7 @@ class Trainer:
             # A loader (re)starting draws its worker seed from the global RNG, at step 0 or at the
             # resumed step: isolated, the RNG stream training sees (dropout) is the same either way.
             with torch.random.fork_rng(devices=[]):
-                batch = _to_device(next(self.train_loader), device)
+                batch = _to_device(next(self.train_loader), device, self._input_dtype)
             window.data_wait += time.perf_counter() - waited
             window.samples += _batch_size(batch)
             self.samples_seen += _batch_size(batch) * acc.num_processes
@@ -292,7 +298,7 @@ class Trainer:
             for batch, stats in eval_batches(stream, config.data.num_workers):
                 read_stats.update(stats)
                 if batch is not None:
-                    yield _to_device(batch, acc.device)
+                    yield _to_device(batch, acc.device, self._input_dtype)
 
         self.model.eval()
         with torch.no_grad():
@@ -438,6 +444,7 @@ def _build_accelerator(config: RunConfig, output_dir: Path) -> Accelerator:
     if config.train.deepspeed:
         _single_process_group_env()
         plugin = DeepSpeedPlugin(hf_ds_config=_deepspeed_config(config, precision))
+        precision = "no"  # DeepSpeed's config carries the precision (see _deepspeed_config)
         if not cuda:  # DeepSpeed on CPU needs gloo named explicitly (see ENVIRONMENT.md)
             handlers.append(InitProcessGroupKwargs(backend="gloo"))
     return Accelerator(
@@ -484,18 +491,31 @@ def _deepspeed_config(config: RunConfig, precision: str) -> dict[str, Any]:
         if ds.get(key, "auto") == "auto":
             ds[key] = value
     ds.pop("train_batch_size", None)  # derived by DeepSpeed from the two above and the world size
-    for name, enabled in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+    half = precision in ("bf16", "fp16")
+    explicit = [name for name in ("bf16", "fp16") if ds.get(name, {}).get("enabled") is True]
+    for name in ("bf16", "fp16"):
         section = ds.setdefault(name, {})
         if section.get("enabled", "auto") == "auto":
-            section["enabled"] = enabled
+            section["enabled"] = False
+    if half and not explicit and "torch_autocast" not in ds:
+        # torch autocast inside the engine, fp32 master weights: DeepSpeed's own bf16 mode casts
+        # parameters but not BatchNorm's running statistics, which breaks conv backbones.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16" if precision == "bf16" else "float16"}
     return ds
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {
-        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-        for key, value in batch.items()
-    }
+def _to_device(
+    batch: dict[str, Any], device: torch.device, dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """Tensors onto ``device``; floating ones also to ``dtype`` when given."""
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+        moved[key] = value
+    return moved
 
 
 def _batch_size(batch: dict[str, Any]) -> int:
