@@ -29,21 +29,10 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shardify.convert import ConvertOptions, convert  # noqa: E402
+from tests.streamtrain.train.conftest import convert_digits  # noqa: E402
 
 RECIPE = ROOT / "configs" / "alignment.yaml"
 LOG_EVERY = 10
-
-
-def sample_shards(work: Path) -> dict[str, Path]:
-    shards = {}
-    for split in ("train", "eval"):
-        shards[split] = work / "digits" / split
-        convert(
-            [str(ROOT / "sample" / "digits_caption" / f"{split}.parquet")],
-            ConvertOptions(output=str(shards[split]), max_samples_per_shard=250),
-        )
-    return shards
 
 
 def _tree_pss_mb(process: psutil.Process) -> float:
@@ -113,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(tmp)
-        shards = sample_shards(work)
+        shards = convert_digits(work / "digits")
         common = [
             f"data.train={shards['train']}",
             f"data.eval={shards['eval']}",

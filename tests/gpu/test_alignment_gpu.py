@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from shardify.convert import ConvertOptions, convert
 from streamtrain.config import load_config
 from streamtrain.data.collate import collate_alignment
 from streamtrain.data.decoders import CaptionDecoder
@@ -27,7 +26,7 @@ from streamtrain.train import checkpoint
 from streamtrain.train.tracking import read_metrics
 from streamtrain.train.trainer import Trainer
 from tests.streamtrain.models.conftest import tiny_clip_text_config, tiny_clip_tokenizer
-from tests.streamtrain.train.conftest import ROOT, streamtrain
+from tests.streamtrain.train.conftest import ROOT, convert_digits, streamtrain
 
 pytestmark = pytest.mark.gpu
 RECIPE = ROOT / "configs" / "alignment.yaml"
@@ -39,13 +38,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from transformers import CLIPTextModel
 
     out = tmp_path_factory.mktemp("gpu")
-    paths = {}
-    for split in ("train", "eval"):
-        paths[split] = out / split
-        convert(
-            [str(ROOT / "sample" / "digits_caption" / f"{split}.parquet")],
-            ConvertOptions(output=str(paths[split]), max_samples_per_shard=250),
-        )
+    paths = convert_digits(out)
     tokenizer = tiny_clip_tokenizer()
     paths["text"] = out / "clip_text"
     CLIPTextModel(tiny_clip_text_config(tokenizer)).save_pretrained(paths["text"])

@@ -14,10 +14,8 @@ from shardify.convert import ConvertOptions, convert
 ROOT = Path(__file__).resolve().parents[3]
 
 
-@pytest.fixture(scope="session")
-def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The bundled caption sample converted by shardify: {"train": dir, "eval": dir}."""
-    out = tmp_path_factory.mktemp("digits")
+def convert_digits(out: Path) -> dict[str, Path]:
+    """The bundled caption sample converted by shardify under ``out``: {"train": dir, "eval": dir}."""
     shards = {}
     for split in ("train", "eval"):
         shards[split] = out / split
@@ -26,6 +24,11 @@ def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             ConvertOptions(output=str(shards[split]), max_samples_per_shard=250),
         )
     return shards
+
+
+@pytest.fixture(scope="session")
+def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return convert_digits(tmp_path_factory.mktemp("digits"))
 
 
 def tiny_overrides(shards: dict[str, Path], output: Path, **extra: object) -> list[str]:
