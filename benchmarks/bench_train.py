@@ -29,7 +29,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.streamtrain.train.conftest import convert_digits  # noqa: E402
+from tests.streamtrain.train.conftest import convert_sample  # noqa: E402
 
 RECIPE = ROOT / "configs" / "alignment.yaml"
 LOG_EVERY = 10
@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         work = Path(tmp)
-        shards = convert_digits(work / "digits")
+        shards = convert_sample(work / "digits")
         common = [
             f"data.train={shards['train']}",
             f"data.eval={shards['eval']}",

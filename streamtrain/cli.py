@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     from streamtrain.train.trainer import Trainer, TrainingError
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with training's
+    import torch
+
+    if not torch.cuda.is_available():  # else DeepSpeed warns at each checkpoint that it fell back to CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         config = load_config(args.config, args.overrides, model_types())
         if args.command == "config":

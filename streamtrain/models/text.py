@@ -7,12 +7,14 @@ its parent's mode, and runs without autograd; the projector after it still train
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from sentence_transformers import SentenceTransformer
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, CLIPModel, CLIPTextModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # sentence_transformers takes seconds to import: only when it is the choice
+    from sentence_transformers import SentenceTransformer
 
 
 @dataclass
@@ -154,6 +156,8 @@ def build_text_encoder(config: TextConfig) -> TextEncoder:
     if config.max_tokens < 1:
         raise ValueError(f"TextConfig.max_tokens must be positive, got {config.max_tokens}")
     if config.kind == "sentence_transformer":
+        from sentence_transformers import SentenceTransformer
+
         path = config.path or _bundled_minilm()
         try:
             model = SentenceTransformer(path, device="cpu")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from streamtrain.tasks.alignment import AlignmentTask
+from streamtrain.tasks.vlm_qa import VLMTask
 
-TASKS: dict[str, type] = {"alignment": AlignmentTask}
+TASKS: dict[str, type] = {"alignment": AlignmentTask, "vlm_qa": VLMTask}
 
 
 def model_types() -> dict[str, type]:

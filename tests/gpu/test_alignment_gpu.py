@@ -26,7 +26,7 @@ from streamtrain.train import checkpoint
 from streamtrain.train.tracking import read_metrics
 from streamtrain.train.trainer import Trainer
 from tests.streamtrain.models.conftest import tiny_clip_text_config, tiny_clip_tokenizer
-from tests.streamtrain.train.conftest import ROOT, convert_digits, streamtrain
+from tests.streamtrain.train.conftest import ROOT, convert_sample, streamtrain
 
 pytestmark = pytest.mark.gpu
 RECIPE = ROOT / "configs" / "alignment.yaml"
@@ -38,7 +38,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from transformers import CLIPTextModel
 
     out = tmp_path_factory.mktemp("gpu")
-    paths = convert_digits(out)
+    paths = convert_sample(out)
     tokenizer = tiny_clip_tokenizer()
     paths["text"] = out / "clip_text"
     CLIPTextModel(tiny_clip_text_config(tokenizer)).save_pretrained(paths["text"])

@@ -14,13 +14,13 @@ from shardify.convert import ConvertOptions, convert
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def convert_digits(out: Path) -> dict[str, Path]:
-    """The bundled caption sample converted by shardify under ``out``: {"train": dir, "eval": dir}."""
+def convert_sample(out: Path, name: str = "digits_caption") -> dict[str, Path]:
+    """The bundled sample ``sample/<name>`` converted by shardify: {"train": dir, "eval": dir}."""
     shards = {}
     for split in ("train", "eval"):
         shards[split] = out / split
         convert(
-            [str(ROOT / "sample" / "digits_caption" / f"{split}.parquet")],
+            [str(ROOT / "sample" / name / f"{split}.parquet")],
             ConvertOptions(output=str(shards[split]), max_samples_per_shard=250),
         )
     return shards
@@ -28,7 +28,7 @@ def convert_digits(out: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def digits_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return convert_digits(tmp_path_factory.mktemp("digits"))
+    return convert_sample(tmp_path_factory.mktemp("digits"))
 
 
 def tiny_overrides(shards: dict[str, Path], output: Path, **extra: object) -> list[str]:

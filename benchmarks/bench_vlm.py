@@ -1,0 +1,152 @@
+"""Benchmark of the VLM QA training loop on the bundled tiny recipe (configs/vlm_qa.yaml): LoRA vs QLoRA.
+
+Runs ``streamtrain train`` in a fresh process per decoder mode — LoRA on a float32 base (the
+baseline), then QLoRA (4-bit NF4 base) — for a fixed number of steps with evaluation off, and
+reports from each run's metrics.jsonl (skipping the first logging window, which holds start-up):
+- training samples/s and tokens/s (vision + prompt + answer tokens, and answer tokens alone,
+  from the sample's mean sequence), and the ratio QLoRA / LoRA;
+- the fraction of step time spent waiting for data (``train/data_wait_fraction``);
+- peak memory (PSS of the trainer and its dataloader workers), sampled every 0.2 s.
+
+The encoder is runs/alignment/best when it exists (./launch.sh alignment), else a random small
+CNN laid out as an alignment checkpoint (speed does not depend on what it learned).
+
+    python benchmarks/bench_vlm.py [--steps 60] [--json results.json] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from streamtrain.data.transforms import chat_prompt_ids, tokenize_qa  # noqa: E402
+from streamtrain.models.qwen import load_tokenizer, write_tiny_qwen2  # noqa: E402
+from tests.streamtrain.train.conftest import convert_sample  # noqa: E402
+from tests.streamtrain.vlm.conftest import write_alignment_checkpoint  # noqa: E402
+
+RECIPE = ROOT / "configs" / "vlm_qa.yaml"
+LOG_EVERY = 10
+VISION_TOKENS = 16  # the small CNN's 4x4 grid at the recipe's 32 px
+
+
+def mean_tokens(decoder: Path) -> tuple[float, float]:
+    """Mean tokens per training sample (vision + chat prompt + answer) and answer tokens alone."""
+    tokenizer = load_tokenizer(str(decoder))
+    before, after = chat_prompt_ids(tokenizer)
+    rows = pq.read_table(ROOT / "sample" / "digits_qa" / "train.parquet", columns=["question", "answer"])
+    total = answers = 0
+    for row in rows.to_pylist():
+        question, answer = tokenize_qa(row["question"], row["answer"], tokenizer, 64, 16)
+        total += VISION_TOKENS + len(before) + len(question) + len(after) + len(answer)
+        answers += len(answer)
+    return total / rows.num_rows, answers / rows.num_rows
+
+
+def _tree_pss_mb(process: psutil.Process) -> float:
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            total += member.memory_full_info().pss
+        except psutil.Error:
+            continue
+    return total / 1e6
+
+
+def run(label: str, overrides: list[str], work: Path, tokens: tuple[float, float]) -> dict[str, Any]:
+    output = work / label
+    command = [
+        sys.executable,
+        "-m",
+        "streamtrain.cli",
+        "train",
+        str(RECIPE),
+        f"output_dir={output}",
+        *overrides,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    started = time.perf_counter()
+    child = subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    watcher, peak = psutil.Process(child.pid), 0.0
+    while child.poll() is None:
+        peak = max(peak, _tree_pss_mb(watcher))
+        time.sleep(0.2)
+    if child.returncode != 0:
+        raise SystemExit(f"{label} failed:\n{child.stderr.read()[-3000:]}")  # type: ignore[union-attr]
+    windows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    windows = [w for w in windows if "train/samples_per_s" in w][1:]  # the first window holds start-up
+    samples_per_s = sum(w["train/samples_per_s"] for w in windows) / len(windows)
+    wait = sum(w["train/data_wait_fraction"] for w in windows) / len(windows)
+    result = {
+        "label": label,
+        "samples_per_s": samples_per_s,
+        "tokens_per_s": samples_per_s * tokens[0],
+        "answer_tokens_per_s": samples_per_s * tokens[1],
+        "data_wait_fraction": wait,
+        "peak_pss_mb": peak,
+        "wall_s": time.perf_counter() - started,
+    }
+    print(
+        f"{label:<8} {samples_per_s:7.1f} samples/s  {result['tokens_per_s']:8.0f} tokens/s "
+        f"({result['answer_tokens_per_s']:6.1f} answer tokens/s)  data wait {100 * wait:5.2f}%  "
+        f"peak PSS {peak:6.0f} MB  ({result['wall_s']:.0f} s)",
+        flush=True,
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("overrides", nargs="*", help="extra recipe overrides, e.g. data.num_workers=4")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_vlm_") as tmp:
+        work = Path(tmp)
+        shards = convert_sample(work / "digits_qa", "digits_qa")
+        decoder = write_tiny_qwen2(work / "tiny-qwen2")
+        encoder = ROOT / "runs" / "alignment" / "best"
+        if not (encoder / "model.safetensors").is_file():
+            encoder = write_alignment_checkpoint(work / "alignment" / "best", width=64)
+        print(f"encoder: {encoder}")
+        tokens = mean_tokens(decoder)
+        print(f"mean tokens per sample: {tokens[0]:.1f} ({tokens[1]:.2f} answer tokens)")
+        common = [
+            f"data.train={shards['train']}",
+            "data.eval=null",
+            f"model.encoder_checkpoint={encoder}",
+            f"model.decoder={decoder}",
+            f"train.max_steps={args.steps}",
+            "checkpoint.every_steps=0",
+            f"log.every_steps={LOG_EVERY}",
+            "log.progress_bar=false",
+            "train.warmup_steps=5",
+            *args.overrides,
+        ]
+        # The final checkpoint is written after the last step; it is not in the windows.
+        lora = run("lora", [*common, "model.mode=lora"], work, tokens)
+        qlora = run("qlora", [*common, "model.mode=qlora"], work, tokens)
+    ratio = qlora["samples_per_s"] / lora["samples_per_s"]
+    print(f"\nQLoRA / LoRA: {ratio:.2f}x samples/s (on {os.cpu_count()} cores)")
+    if args.json:
+        args.json.write_text(json.dumps({"runs": [lora, qlora], "qlora_over_lora": ratio}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Vision-language model: a frozen aligned image encoder, a trainable projector and a causal LM decoder.
+
+The encoder's grid tokens (``forward_features``, optionally pooled to fewer tokens) pass through
+the projector into the decoder's embedding width and are placed before the prompt tokens:
+
+    [vision_1 .. vision_V] [prompt (question in the chat template)] [answer .. end] [padding]
+    labels: -100 ...  -100   -100 ...                        -100    answer .. end   -100 ...
+
+Logits are computed only at positions where a label is learned (the decoder's ``logits_to_keep``),
+so a 150k-token vocabulary costs [batch, answer positions, vocab], not [batch, length, vocab].
+Generation is a greedy loop of decoder forward passes with a KV cache, not Hugging Face's
+``generate()``: peft LoRA on a 4-bit model stops training once ``generate()`` has run on that
+model object (see ENVIRONMENT.md), and the loop keeps the vision prefix in one code path.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import DynamicCache
+
+from streamtrain.data.collate import IGNORE_INDEX
+from streamtrain.models.alignment import Projector
+from streamtrain.models.decoder import four_bit_layers, is_quantized
+from streamtrain.models.vision import VisionEncoder
+
+
+def pool_grid(tokens: Tensor, num_tokens: int | None) -> Tensor:
+    """Average-pool grid tokens [B, N, C] to ``num_tokens`` (square grids pool in 2-D); None keeps all."""
+    count = tokens.shape[1]
+    if num_tokens is None or num_tokens >= count:
+        return tokens
+    side, target = math.isqrt(count), math.isqrt(num_tokens)
+    if side * side == count and target * target == num_tokens:
+        grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+        return F.adaptive_avg_pool2d(grid, target).flatten(2).transpose(1, 2)
+    return F.adaptive_avg_pool1d(tokens.transpose(1, 2), num_tokens).transpose(1, 2)
+
+
+class VisionLanguageModel(nn.Module):
+    """Frozen ``vision`` encoder -> LayerNorm + projector (trainable) -> ``decoder`` (a causal LM).
+
+    ``forward(batch)`` takes a ``collate_vlm`` batch and returns ``loss`` (mean cross-entropy
+    over answer tokens), ``logits`` [answer tokens, vocab], ``labels`` [answer tokens] and
+    ``answer_tokens``; with ``max_new_tokens`` > 0 it also returns ``generated`` [B, max_new_tokens],
+    greedy answers to the batch's prompts (padded with ``pad_token_id`` after the end token).
+
+    Checkpoints (``state_dict``) hold only the trainable parameters: the frozen encoder and a
+    frozen (possibly 4-bit) decoder base are rebuilt from their sources, so a QLoRA checkpoint of
+    a large decoder is its adapters and projector, not gigabytes of unchanged quantized weights.
+    """
+
+    def __init__(
+        self,
+        vision: VisionEncoder,
+        decoder: nn.Module,
+        stop_token_ids: list[int],
+        pad_token_id: int,
+        vision_tokens: int | None = None,
+        projector_hidden_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not stop_token_ids:
+            raise ValueError("VisionLanguageModel needs at least one stop token id")
+        self.vision = vision.requires_grad_(False).eval()
+        self.decoder = decoder
+        embed_dim = decoder.get_input_embeddings().embedding_dim
+        # Frozen encoders' grid features differ in scale by orders of magnitude (a BatchNorm CNN's
+        # ~0.01 to a ViT's ~1): normalised first, the projector starts from the same footing.
+        self.feature_norm = nn.LayerNorm(vision.output_dim)
+        self.projector = Projector(vision.output_dim, embed_dim, projector_hidden_dim)
+        self.vision_tokens = vision_tokens
+        self.register_buffer("stop_token_ids", torch.tensor(stop_token_ids), persistent=False)
+        self.pad_token_id = pad_token_id
+        # Recent transformers releases renamed the KV cache argument; older ones call it past_key_values.
+        backbone_inputs = inspect.signature(decoder.get_decoder().forward).parameters
+        self._cache_argument = "cache" if "cache" in backbone_inputs else "past_key_values"
+        self._four_bit_layers = four_bit_layers(decoder)
+        for layer in self._four_bit_layers:  # see train()
+            layer.training = True
+        self.register_state_dict_post_hook(_keep_trainable)
+        self.register_load_state_dict_post_hook(_frozen_not_missing)
+
+    def train(self, mode: bool = True) -> VisionLanguageModel:
+        # A parent's .train() recurses into every child; the frozen encoder keeps BatchNorm statistics.
+        super().train(mode)
+        self.vision.eval()
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights for inference the
+        # first time it runs in eval mode without grad, and LoRA training through it fails after
+        # that (ENVIRONMENT.md's "not after generate()"). The layers behave the same otherwise, so
+        # they stay in training mode and evaluation between training steps never repacks them.
+        for layer in self._four_bit_layers:
+            layer.training = True
+        return self
+
+    def place(self, device: torch.device) -> VisionLanguageModel:
+        """Move to ``device``, all but a quantized decoder: bitsandbytes put it on its device as it
+        loaded, and moving 4-bit weights again is not supported everywhere."""
+        if not is_quantized(self.decoder):
+            return self.to(device)
+        for child in self.children():
+            if child is not self.decoder:
+                child.to(device)
+        self.stop_token_ids = self.stop_token_ids.to(device)
+        return self
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images [B, 3, H, W] -> vision tokens [B, V, embed_dim] in the decoder's input space."""
+        with torch.no_grad():
+            grid = pool_grid(self.vision.forward_features(images), self.vision_tokens)
+        grid = grid.to(self.feature_norm.weight.dtype)
+        return self.projector(self.feature_norm(grid))
+
+    def projector_state_dict(self) -> dict[str, Tensor]:
+        """The trainable vision-to-decoder mapping (``feature_norm.*``, ``projector.*``), on the CPU."""
+        return {
+            f"{part}.{name}": tensor.detach().cpu().contiguous()
+            for part in ("feature_norm", "projector")
+            for name, tensor in getattr(self, part).state_dict().items()
+        }
+
+    def _embed_tokens(self, input_ids: Tensor) -> Tensor:
+        return self.decoder.get_input_embeddings()(input_ids)
+
+    def training_inputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Vision tokens + the batch's text as ``inputs_embeds``, with the matching mask and labels."""
+        vision = self.encode_images(batch["image"])
+        text = self._embed_tokens(batch["input_ids"])
+        count = vision.shape[1]
+        mask = batch["attention_mask"]
+        vision_labels = torch.full((len(mask), count), IGNORE_INDEX, dtype=torch.long, device=mask.device)
+        return {
+            "inputs_embeds": torch.cat([vision.to(text.dtype), text], dim=1),
+            "attention_mask": torch.cat([torch.ones_like(vision_labels), mask], dim=1),
+            "labels": torch.cat([vision_labels, batch["labels"]], dim=1),
+        }
+
+    def forward(self, batch: dict[str, Any], max_new_tokens: int = 0) -> dict[str, Tensor]:
+        inputs = self.training_inputs(batch)
+        labels = inputs["labels"]
+        # Position t predicts token t + 1: keep the positions whose next token is learned in any
+        # row (a 1-D ``logits_to_keep``, which every recent causal LM takes), then each row's own.
+        predicts = torch.zeros_like(labels, dtype=torch.bool)
+        predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        positions = predicts.any(dim=0).nonzero().squeeze(1)
+        logits = self.decoder(
+            inputs_embeds=inputs["inputs_embeds"],
+            attention_mask=inputs["attention_mask"],
+            logits_to_keep=positions,
+            use_cache=False,
+        ).logits
+        logits = logits[predicts[:, positions]]  # row-major, like the targets below
+        targets = labels[:, 1:][predicts[:, :-1]]
+        outputs = {
+            "loss": F.cross_entropy(logits.float(), targets),
+            "logits": logits,
+            "labels": targets,
+            "answer_tokens": torch.tensor(targets.numel(), device=targets.device),
+        }
+        if max_new_tokens > 0:
+            outputs["generated"] = self.generate_answers(
+                batch["image"], batch["input_ids"], batch["question_lengths"], max_new_tokens
+            )
+        return outputs
+
+    @torch.no_grad()
+    def generate_answers(
+        self, images: Tensor, input_ids: Tensor, prompt_lengths: Tensor, max_new_tokens: int
+    ) -> Tensor:
+        """Greedy answers [B, max_new_tokens] to prompts ``input_ids[b, :prompt_lengths[b]]``.
+
+        Prompts are left-padded (positions counted from each row's first real token, as in
+        training), decoded with a KV cache; a row stops at its first stop token, which it keeps,
+        and is ``pad_token_id`` after it.
+        """
+        vision = self.encode_images(images)
+        batch_size, count = vision.shape[:2]
+        longest = int(prompt_lengths.max())
+        width = count + longest
+        embed_dim = vision.shape[-1]
+        text = self._embed_tokens(input_ids[:, :longest])
+        embeds = text.new_zeros((batch_size, width, embed_dim))
+        mask = torch.zeros((batch_size, width), dtype=torch.long, device=input_ids.device)
+        for row in range(batch_size):
+            length = int(prompt_lengths[row])
+            start = width - count - length
+            embeds[row, start : start + count] = vision[row].to(text.dtype)
+            embeds[row, start + count :] = text[row, :length]
+            mask[row, start:] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        cache = {self._cache_argument: DynamicCache(config=self.decoder.config)}
+        generated = torch.full(
+            (batch_size, max_new_tokens), self.pad_token_id, dtype=torch.long, device=input_ids.device
+        )
+        done = torch.zeros(batch_size, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            logits = self.decoder(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **cache,
+                logits_to_keep=1,
+            ).logits[:, -1]
+            token = logits.argmax(dim=-1)
+            generated[:, step] = torch.where(done, self.pad_token_id, token)
+            done |= torch.isin(token, self.stop_token_ids)
+            if bool(done.all()):
+                break
+            embeds = self._embed_tokens(token[:, None])
+            mask = torch.cat([mask, mask.new_ones((batch_size, 1))], dim=1)
+            positions = positions[:, -1:] + 1
+        return generated
+
+
+def _keep_trainable(module: nn.Module, state_dict: dict[str, Any], prefix: str, _metadata: Any) -> None:
+    """State-dict post hook: drop every entry that is not a trainable parameter."""
+    trainable = {prefix + name for name, parameter in module.named_parameters() if parameter.requires_grad}
+    for key in [key for key in state_dict if key.startswith(prefix) and key not in trainable]:
+        del state_dict[key]
+
+
+def _frozen_not_missing(module: nn.Module, incompatible: Any) -> None:
+    """Load post hook: frozen entries are rebuilt from their sources, so their absence is expected."""
+    trainable = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
+    frozen_missing = [key for key in incompatible.missing_keys if _strip_wrappers(key) not in trainable]
+    for key in frozen_missing:
+        incompatible.missing_keys.remove(key)
+
+
+def _strip_wrappers(key: str) -> str:
+    # load_state_dict reports keys relative to the module it was called on, which may be a
+    # DDP wrapper (``module.``) around this model.
+    return key.removeprefix("module.")

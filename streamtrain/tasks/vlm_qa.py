@@ -1,0 +1,298 @@
+"""VLM QA fine-tuning: a frozen aligned image encoder feeding a causal LM trained with (Q)LoRA or fully.
+
+The encoder comes from an alignment checkpoint (its ``vision.*`` weights and the ``model.vision``
+section of its config.yaml; the text encoder is not needed). Its grid tokens go through a
+trainable projector into the decoder, ahead of the question in the tokenizer's chat template.
+Loss: cross-entropy over the answer and its end token. Evaluation: perplexity (exp of the mean
+answer-token loss), and exact match, BLEU and ROUGE-L of greedy answers (see streamtrain.qa_metrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from accelerate import PartialState
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from streamtrain.config import RunConfig
+from streamtrain.data.collate import IGNORE_INDEX, collate_vlm
+from streamtrain.data.decoders import QADecoder
+from streamtrain.data.transforms import chat_prompt_ids
+from streamtrain.models.decoder import LoraSettings, load_decoder, resolve_dtype
+from streamtrain.models.qwen import load_tokenizer
+from streamtrain.models.vision import VisionConfig, VisionEncoder, build_vision_encoder
+from streamtrain.models.vlm import VisionLanguageModel
+from streamtrain.qa_metrics import answer_metrics
+from streamtrain.train import checkpoint
+from streamtrain.train.distributed import all_reduce_sum, gather_objects
+from streamtrain.train.trainer import CONFIG_FILE, WEIGHTS_FILE
+
+logger = logging.getLogger(__name__)
+ALIGNMENT_HINT = "train the encoder first: ./launch.sh alignment (it writes runs/alignment/best)"
+
+
+@dataclass
+class VLMModelConfig:
+    """The frozen encoder, the decoder and how it trains, and generation at evaluation."""
+
+    encoder_checkpoint: str = "runs/alignment/best"
+    """Alignment checkpoint folder (config.yaml + model.safetensors), or an alignment run's
+    output_dir (its best/, else its newest complete step). Only its vision encoder is used, frozen."""
+    decoder: str = "runs/sample/tiny-qwen2"
+    """Causal LM: local directory or hub name (e.g. Qwen/Qwen2.5-0.5B-Instruct)."""
+    tokenizer: str | None = None
+    """Tokenizer directory or hub name; the decoder's when unset. Its chat template, if it has one,
+    frames the question."""
+    mode: Literal["qlora", "lora", "full"] = "qlora"
+    """qlora: 4-bit NF4 base (bitsandbytes) + LoRA; lora: base in base_dtype + LoRA;
+    full: every decoder weight trains (small decoders)."""
+    base_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """Frozen base weights (lora) or the 4-bit compute dtype (qlora); auto: bfloat16 on a CUDA GPU
+    that supports it, else float32. Full fine-tuning keeps float32 weights."""
+    double_quant: bool = True
+    """qlora: also quantize the quantization constants (QLoRA's double quantization)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch's input."""
+    lora_target_modules: str | list[str] = "all-linear"
+    """Modules given adapters: peft's "all-linear" (every linear layer but the output head),
+    or a list of module names."""
+    gradient_checkpointing: bool = True
+    """Recompute decoder activations in backward (less memory, about a third more compute)."""
+    vision_tokens: int | None = None
+    """Average-pool the encoder's grid to this many tokens (a square number pools in 2-D); null keeps all."""
+    projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    """Vision projector: Linear-GELU-Linear at the decoder's width (LLaVA-1.5), or one Linear."""
+    max_new_tokens: int = 16
+    """Evaluation: longest greedy answer generated (tokens, end token included)."""
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.lora_r < 1:
+            found.append(f"lora_r: {self.lora_r} must be >= 1")
+        if self.lora_alpha < 1:
+            found.append(f"lora_alpha: {self.lora_alpha} must be >= 1")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            found.append(f"lora_dropout: {self.lora_dropout} is not in [0, 1)")
+        if not self.lora_target_modules:
+            found.append('lora_target_modules: name at least one module, or "all-linear"')
+        if self.vision_tokens is not None and self.vision_tokens < 1:
+            found.append(f"vision_tokens: {self.vision_tokens} must be >= 1 or null")
+        if self.max_new_tokens < 1:
+            found.append(f"max_new_tokens: {self.max_new_tokens} must be >= 1")
+        if self.mode == "full" and self.base_dtype == "bfloat16":
+            found.append(
+                "base_dtype: bfloat16 needs mode qlora or lora (full fine-tuning keeps float32 weights)"
+            )
+        if not self.decoder:
+            found.append("decoder: required (a causal LM directory or hub name)")
+        return found
+
+
+def find_alignment_checkpoint(path: str) -> Path:
+    """The checkpoint folder ``path`` names: itself, or a run's best/, else its newest complete step."""
+    root = Path(path)
+    for candidate in (root, root / checkpoint.BEST, checkpoint.latest_complete(root)):
+        if (
+            candidate is not None
+            and (candidate / CONFIG_FILE).is_file()
+            and (candidate / WEIGHTS_FILE).is_file()
+        ):
+            return candidate
+    raise ValueError(
+        f"model.encoder_checkpoint: {path} holds no alignment checkpoint "
+        f"({CONFIG_FILE} + {WEIGHTS_FILE}); {ALIGNMENT_HINT}"
+    )
+
+
+def load_aligned_vision(directory: Path) -> tuple[VisionEncoder, dict[str, Any]]:
+    """The vision encoder of the alignment checkpoint in ``directory``, and that run's data section."""
+    saved = yaml.safe_load((directory / CONFIG_FILE).read_text()) or {}
+    section = (saved.get("model") or {}).get("vision")
+    if saved.get("task") != "alignment" or not section:
+        raise ValueError(
+            f"model.encoder_checkpoint: {directory} is not an alignment checkpoint with a vision encoder"
+        )
+    known = {item.name for item in dataclasses.fields(VisionConfig)}
+    config = VisionConfig(**{key: value for key, value in section.items() if key in known})
+    if config.kind == "torchvision":  # the checkpoint's weights replace any initial ones: fetch none
+        config = dataclasses.replace(config, pretrained=False, path=None)
+    encoder = build_vision_encoder(config)
+    weights = load_file(directory / WEIGHTS_FILE)
+    state = {
+        key.removeprefix("vision."): value for key, value in weights.items() if key.startswith("vision.")
+    }
+    encoder.load_state_dict(state)
+    return encoder, saved.get("data") or {}
+
+
+class VLMTask:
+    """Visual question answering on a frozen aligned encoder with a (Q)LoRA or fully trained decoder."""
+
+    ModelConfig = VLMModelConfig
+    default_best_metric = "eval/exact_match"
+    default_best_mode = "max"
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config = config
+        self.model_config: VLMModelConfig = config.model
+        self.encoder_dir = find_alignment_checkpoint(self.model_config.encoder_checkpoint)
+        source = self.model_config.tokenizer or self.model_config.decoder
+        try:
+            self.tokenizer = load_tokenizer(source)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"model.tokenizer: cannot load a tokenizer from {source!r}: {error}") from None
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"model.tokenizer: the tokenizer at {source!r} has no end-of-sequence token")
+        self.prompt_ids = chat_prompt_ids(self.tokenizer)
+        self._examples: list[tuple[str, str]] = []
+
+    def build_model(self) -> nn.Module:
+        model_config = self.model_config
+        encoder, aligned_data = load_aligned_vision(self.encoder_dir)
+        if aligned_data.get("image_size", self.config.data.image_size) != self.config.data.image_size:
+            logger.warning(
+                "data.image_size is %s but the encoder was aligned at %s",
+                self.config.data.image_size,
+                aligned_data["image_size"],
+            )
+        # A 4-bit decoder is quantized onto the device it will run on as it loads.
+        device = PartialState().device
+        lora = LoraSettings(
+            r=model_config.lora_r,
+            alpha=model_config.lora_alpha,
+            dropout=model_config.lora_dropout,
+            target_modules=(
+                model_config.lora_target_modules
+                if isinstance(model_config.lora_target_modules, str)
+                else tuple(model_config.lora_target_modules)
+            ),
+        )
+        decoder = load_decoder(
+            model_config.decoder,
+            model_config.mode,
+            resolve_dtype(model_config.base_dtype, device),
+            device,
+            lora,
+            model_config.gradient_checkpointing,
+            model_config.double_quant,
+        )
+        width = decoder.get_input_embeddings().embedding_dim
+        return VisionLanguageModel(
+            vision=encoder,
+            decoder=decoder,
+            stop_token_ids=[self.tokenizer.eos_token_id],
+            pad_token_id=self.tokenizer.pad_token_id,
+            vision_tokens=model_config.vision_tokens,
+            projector_hidden_dim=width if model_config.projector == "mlp2x_gelu" else None,
+        )
+
+    def place_model(self, model: nn.Module, device: torch.device) -> None:
+        """Move the model to ``device``, all but a quantized decoder (bitsandbytes placed it on load)."""
+        assert isinstance(model, VisionLanguageModel)
+        model.place(device)
+
+    def decoder(self, train: bool) -> QADecoder:
+        data = self.config.data
+        return QADecoder(
+            self.tokenizer,
+            image_size=data.image_size,
+            train=train,
+            max_question_tokens=data.max_question_tokens,
+            max_answer_tokens=data.max_answer_tokens,
+            horizontal_flip=data.horizontal_flip,
+            prompt_ids=self.prompt_ids,
+        )
+
+    def collate(self, samples: list[Any]) -> dict[str, Any]:
+        return collate_vlm(samples, self.tokenizer.pad_token_id)
+
+    def loss(
+        self, model: nn.Module, batch: dict[str, Any], step: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        out = model(batch)
+        return out["loss"], {"answer_tokens": float(out["answer_tokens"])}
+
+    def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        # The bare module: a DDP wrapper would sync buffers on every forward, and ranks may
+        # hold different numbers of held-out batches. Accelerate's autocast stays on its forward.
+        vlm = getattr(model, "module", model)
+        loss_sum, tokens = 0.0, 0
+        predictions: list[str] = []
+        references: list[str] = []
+        questions: list[str] = []
+        for batch in batches:
+            out = vlm(batch, max_new_tokens=self.model_config.max_new_tokens)
+            count = int(out["answer_tokens"])
+            loss_sum += float(out["loss"]) * count
+            tokens += count
+            predictions += self.answers(out["generated"])
+            references += self.answers(batch["labels"])
+            questions += self._questions(batch)
+        totals = all_reduce_sum({"loss_sum": loss_sum, "tokens": float(tokens)})
+        predictions, references = gather_objects(predictions), gather_objects(references)
+        if not predictions:
+            raise ValueError("the held-out set gave no samples to evaluate")
+        mean_loss = totals["loss_sum"] / max(1.0, totals["tokens"])
+        self._examples = list(zip(questions[:2], predictions[:2], strict=False))
+        scores = answer_metrics(predictions, references)
+        return {
+            "eval/samples": float(len(predictions)),
+            "eval/answer_loss": mean_loss,
+            "eval/perplexity": math.exp(min(mean_loss, 80.0)),  # capped: exp overflows past ~709
+            **{f"eval/{name}": value for name, value in scores.items()},
+        }
+
+    def answers(self, token_rows: torch.Tensor) -> list[str]:
+        """Answer texts of generated or label rows: the tokens before the end token, -100 dropped."""
+        eos = self.tokenizer.eos_token_id
+        texts = []
+        for row in token_rows.tolist():
+            ids = [token for token in row if token != IGNORE_INDEX]
+            ids = ids[: ids.index(eos)] if eos in ids else ids
+            texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
+        return texts
+
+    def _questions(self, batch: dict[str, Any]) -> list[str]:
+        before, after = len(self.prompt_ids[0]), len(self.prompt_ids[1])
+        return [
+            self.tokenizer.decode(row[before : int(length) - after].tolist(), skip_special_tokens=True)
+            for row, length in zip(batch["input_ids"], batch["question_lengths"], strict=True)
+        ]
+
+    def save_artifacts(self, model: nn.Module, directory: Path) -> None:
+        """projector.safetensors (with its input LayerNorm), and adapter/ (peft ``save_pretrained``)
+        or, fully fine-tuned, decoder/.
+
+        The tokenizer is not copied: config.yaml names it (model.tokenizer or model.decoder).
+        """
+        assert isinstance(model, VisionLanguageModel)
+        save_file(model.projector_state_dict(), str(directory / "projector.safetensors"))
+        if isinstance(model.decoder, PeftModel):
+            model.decoder.save_pretrained(directory / "adapter")
+        else:
+            model.decoder.save_pretrained(directory / "decoder")
+
+    def summary(self, metrics: dict[str, float]) -> str:
+        examples = "; ".join(f"{question!r} -> {answer!r}" for question, answer in self._examples)
+        return (
+            f"held-out ({int(metrics.get('eval/samples', 0))} samples): "
+            f"exact match {metrics.get('eval/exact_match', float('nan')):.3f}, "
+            f"perplexity {metrics.get('eval/perplexity', float('nan')):.3f}, "
+            f"BLEU {metrics.get('eval/bleu', float('nan')):.1f}, "
+            f"ROUGE-L {metrics.get('eval/rouge_l', float('nan')):.3f}"
+            + (f"; e.g. {examples}" if examples else "")
+        )
