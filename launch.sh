@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # streamtrain launcher.
 #   ./launch.sh alignment [key=value ...]      alignment pre-training (configs/alignment.yaml)
+#   ./launch.sh vlm [key=value ...]            VLM QA fine-tuning (configs/vlm_qa.yaml), after alignment
 #   ./launch.sh train CONFIG [key=value ...]   train any recipe
 #   ./launch.sh sample          convert the bundled Pixmo-shaped samples into shards under runs/sample/
 #   ./launch.sh test [ARGS]     run the test suite (pytest ARGS)
+#   ./launch.sh faults [ARGS]   the fault-injection suite at full trial counts; prints its report table
 #   ./launch.sh shardify ARGS   run the converter inside the project environment
 #   ./launch.sh setup           create .venv from requirements.lock (done automatically when missing)
 # Several processes / nodes: NNODES, NODE_RANK, NPROC_PER_NODE (default: GPUs here, else 1),
@@ -102,6 +104,20 @@ case "$cmd" in
     prepare_samples
     run_train configs/alignment.yaml "$@"
     ;;
+  vlm)
+    setup_env
+    prepare_samples
+    # The recipe's defaults need the bundled alignment run's encoder and the tiny sample decoder.
+    if [[ " $* " != *" model.encoder_checkpoint="* && ! -f runs/alignment/best/model.safetensors ]]; then
+      echo "launch.sh vlm: no aligned encoder at runs/alignment/best; run ./launch.sh alignment first" \
+        "(or pass model.encoder_checkpoint=PATH)" >&2
+      exit 2
+    fi
+    if [[ " $* " != *" model.decoder="* && ! -f runs/sample/tiny-qwen2/config.json ]]; then
+      "$VENV/bin/python" -m streamtrain.models.qwen runs/sample/tiny-qwen2
+    fi
+    run_train configs/vlm_qa.yaml "$@"
+    ;;
   train)
     setup_env
     prepare_samples
@@ -116,15 +132,28 @@ case "$cmd" in
     setup_env
     exec "$VENV/bin/python" -m pytest "$@"
     ;;
+  faults)
+    setup_env
+    mkdir -p runs/faults
+    report="runs/faults/report-$(date +%Y%m%d-%H%M%S).jsonl"
+    status=0
+    STREAMTRAIN_FAULTS=full STREAMTRAIN_FAULT_REPORT="$PWD/$report" \
+      "$VENV/bin/python" -m pytest tests/faults -p no:cacheprovider "$@" || status=$?
+    if [[ -s "$report" ]]; then
+      "$VENV/bin/python" -m tests.faults.report "$report"
+      echo "(records: $report)"
+    fi
+    exit "$status"
+    ;;
   shardify)
     setup_env
     exec "$VENV/bin/shardify" "$@"
     ;;
   help|-h|--help)
-    sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *)
-    echo "launch.sh: unknown command '$cmd' (try: alignment, train, sample, test, shardify, setup)" >&2
+    echo "launch.sh: unknown command '$cmd' (try: alignment, vlm, train, sample, test, faults, shardify, setup)" >&2
     exit 2
     ;;
 esac

@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     from streamtrain.data.plan import PlanError
     from streamtrain.data.shards import DataSourceError
     from streamtrain.tasks import TASKS, model_types
+    from streamtrain.train.checkpoint import CheckpointWriteError
     from streamtrain.train.trainer import Trainer, TrainingError
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with training's
@@ -80,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DataSourceError, LoaderStateError, PlanError, TrainingError, ValueError) as exc:
         print(f"streamtrain: error: {exc}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as exc:  # e.g. the disk filled up: a failure during training
+        print(f"streamtrain: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a path that cannot be written or read, a full disk outside checkpoints
+        print(f"streamtrain: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("streamtrain: interrupted", file=sys.stderr)
         return 130

@@ -100,9 +100,15 @@ class TrainConfig:
     """DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); plain DDP when unset."""
     seed: int = 0
     """Seeds model initialisation, data order and augmentations."""
+    collective_timeout_s: float = 1800.0
+    """Several processes: how long a rank waits in a collective (gradient exchange, barrier)
+    for the others. A rank that died or hangs then ends the job with an error on every rank
+    instead of a hang; raise it if checkpoint writes or evaluation of a huge model take longer."""
 
     def problems(self) -> list[str]:
         found = _at_least(self, ("max_steps", 1), ("batch_size", 1), ("grad_accum_steps", 1))
+        if self.collective_timeout_s <= 0:
+            found.append(f"collective_timeout_s: {self.collective_timeout_s} must be > 0")
         found += _at_least(self, ("warmup_steps", 0))
         if self.lr <= 0:
             found.append(f"lr: {self.lr} must be > 0")
@@ -252,13 +258,22 @@ def load_config(path: str | Path, overrides: list[str], model_types: dict[str, t
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError([f"not valid YAML: {exc}"], source) from None
+        raise ConfigError([f"not valid YAML: {_yaml_problem(exc)}"], source) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([f"the recipe must be a mapping of sections, got {type(raw).__name__}"], source)
     extra, problems = parse_overrides(overrides)
     return build_config(merge(raw, extra), model_types, source, problems)
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """A YAML error in one line: where (1-based line and column) and what."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(error, "context", None)
+    return f"{where}{problem}" + (f" ({context})" if context else "")
 
 
 def build_config(
@@ -270,7 +285,9 @@ def build_config(
     problems = list(problems or [])
     task = raw.get("task")
     if task not in model_types:
-        problems.append(f"task: {task!r} is not one of {sorted(model_types)}")
+        allowed = sorted(model_types)
+        what = "required, one of" if task is None else f"{task!r} is not one of"
+        problems.append(f"task: {what} {allowed}")
         model_type: Any = dict
     else:
         model_type = model_types[task]
@@ -280,7 +297,7 @@ def build_config(
     for name, hint in hints.items():
         if name in raw:
             values[name] = _convert(raw[name], hint, name, problems)
-        elif name in ("task", "output_dir"):
+        elif name == "output_dir":
             problems.append(f"{name}: required")
         elif name == "model" and model_type is not dict:
             values[name] = _convert({}, model_type, name, problems)

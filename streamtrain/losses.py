@@ -19,15 +19,21 @@ def gather_with_grad(x: Tensor) -> Tensor:
 
     The backward pass sums each rank's gradient for a slot back into the rank that owns it
     (a reduce-scatter), so every rank's loss reaches every rank's embeddings, as in open_clip.
+    Ranks may hold different numbers of rows (a batch that lost unreadable samples).
     """
+    return _gather_rows(x)[0]
+
+
+def _gather_rows(x: Tensor) -> tuple[Tensor, int]:
+    """``gather_with_grad(x)`` and the global index of this rank's first row."""
     if distributed.world_size() == 1:
-        return x
-    # The gather allocates every rank's slot with the local shape: unequal batches would be
-    # silently truncated or hang, so one tiny collective checks first.
+        return x, 0
+    # all_gather needs one shape on every rank: pad to the largest batch, then trim each slot.
     sizes = distributed.gather_sizes(x.shape[0])
-    if len(set(sizes)) != 1:
-        raise ValueError(f"gather_with_grad needs equal batch sizes on every rank, got {sizes} by rank")
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    padded = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))])
+    parts = dist_fn.all_gather(padded)
+    gathered = torch.cat([part[:size] for part, size in zip(parts, sizes, strict=True)], dim=0)
+    return gathered, sum(sizes[: distributed.rank()])
 
 
 class LogitScale(nn.Module):
@@ -67,9 +73,9 @@ def _gather_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, int]:
     """Both sides' global batches (one collective for the two) and this rank's first global row."""
     if a.shape != b.shape or a.dim() != 2:
         raise ValueError(f"need two [B, D] embeddings of one shape, got {list(a.shape)} and {list(b.shape)}")
-    gathered = gather_with_grad(torch.cat([a, b], dim=1))
+    gathered, first_row = _gather_rows(torch.cat([a, b], dim=1))
     a_all, b_all = gathered.split(a.shape[1], dim=1)
-    return a_all, b_all, distributed.rank() * a.shape[0]
+    return a_all, b_all, first_row
 
 
 def _info_nce_gathered(

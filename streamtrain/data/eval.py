@@ -64,6 +64,9 @@ class EvalStream(IterableDataset):
             try:
                 for raw in iter_samples(url, piece.start, piece.stop, self.retry):
                     read += 1
+                    if "__error__" in raw:  # a member over the size limit, left unread
+                        stats["oversized_samples"] += 1
+                        continue
                     try:
                         pending.append(self.decode(raw, rng))
                     except Exception:  # a bad held-out sample is counted, never fatal

@@ -34,6 +34,8 @@ class LoaderStateError(ValueError):
 class StreamLoader:
     """Batches for this rank, forever. ``state_dict()`` after step s resumes at batch s + 1.
 
+    A batch none of whose samples could be read is None, in its place.
+
     Every rank reads only its own shards (no rank-0 dispatch). The state records how many
     batches this rank consumed — prefetched batches are not counted, so nothing is skipped —
     plus the topology and dataset it is valid for. Resuming with another world size, worker
@@ -91,6 +93,8 @@ class StreamLoader:
         return batch
 
     def _log_samples(self, batch: Any) -> None:
+        if batch is None:  # no sample of it could be read
+            batch = {"sample_ids": []}
         if not isinstance(batch, dict) or "sample_ids" not in batch:
             raise TypeError("data.sample_log needs batches that carry 'sample_ids' (a dict from the collate)")
         self._step_sample_ids.extend(batch["sample_ids"])

@@ -39,6 +39,10 @@ _USTAR_MAGIC = b"ustar\x00"  # POSIX only; GNU headers ("ustar  ") use the prefi
 # A range request costs about as much as transferring 1 MB: on S3 skipping fetches whole blocks
 # (headers of small samples come along for free); on local disk a seek is nearly free.
 _REMOTE_SKIP_READ = 1 << 20
+DEFAULT_MAX_MEMBER_BYTES = 256 << 20
+"""Members above this are never read into memory: their sample is marked with ``__error__``."""
+# pax records and GNU long names are a few hundred bytes; a huge one is a corrupt or hostile tar.
+_MAX_HEADER_PAYLOAD = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -270,11 +274,15 @@ def iter_samples(
     *,
     block_size: int = DEFAULT_BLOCK_SIZE,
     stats: ReadStats | None = None,
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
 ) -> Iterator[dict[str, Any]]:
     """The samples of shard ``url`` with index in ``[first, stop)``, in order.
 
     Each is ``{"__key__", "__index__", "__url__", extension: payload bytes, ...}``: consecutive
-    members whose basenames share the part before the first dot form one sample. A shard that ends
+    members whose basenames share the part before the first dot form one sample. Only basenames
+    count (``../../x.jpg`` is member ``x.jpg``) and nothing is ever written to disk. A member
+    larger than ``max_member_bytes`` is skipped unread and its sample gets ``"__error__"`` (the
+    reason) instead, so callers skip and count it. A shard that ends
     early raises ShardReadError("truncated") after every sample whose end was read; the sample
     being read when the data ran out is dropped even if the cut fell right after one of its members,
     since nothing in a tar says how many members a sample has.
@@ -283,10 +291,13 @@ def iter_samples(
         raise ValueError(f"bad sample range [{first}, {stop}) for {url}")
     if stop is not None and first >= stop:
         return iter(())
-    return _read_samples(ShardByteStream(url, retry, block_size, stats), first, stop)
+    stream = ShardByteStream(url, retry, block_size, stats)
+    return _read_samples(stream, first, stop, max_member_bytes)
 
 
-def _read_samples(stream: ShardByteStream, first: int, stop: int | None) -> Iterator[dict[str, Any]]:
+def _read_samples(
+    stream: ShardByteStream, first: int, stop: int | None, max_member_bytes: int
+) -> Iterator[dict[str, Any]]:
     url = stream.url
     index = -1  # of the sample whose members are being read
     key: str | None = None
@@ -310,6 +321,9 @@ def _read_samples(stream: ShardByteStream, first: int, stop: int | None) -> Iter
                 stream.skip(padded)
                 continue
             if typeflag in (b"x", b"L"):
+                if size > _MAX_HEADER_PAYLOAD:
+                    detail = f"extended header of {size} bytes at byte {header_at}"
+                    raise ShardReadError(url, "corrupt", detail)
                 payload = _read_exact(stream, size, url)
                 stream.skip(padded - size)
                 if typeflag == b"L":
@@ -337,6 +351,10 @@ def _read_samples(stream: ShardByteStream, first: int, stop: int | None) -> Iter
                 sample = {"__key__": key, "__index__": index, "__url__": url} if index >= first else None
             extensions.add(extension)
             if sample is None:
+                stream.skip(padded)
+                continue
+            if size > max_member_bytes:
+                sample["__error__"] = f"member {base} has {size} bytes, over the limit of {max_member_bytes}"
                 stream.skip(padded)
                 continue
             sample[extension] = _read_exact(stream, size, url)

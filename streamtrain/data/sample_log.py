@@ -38,21 +38,64 @@ class SampleLog:
 
     def record(self, step: int, sample_ids: list[str]) -> None:
         line = json.dumps({"step": step, "rank": self.rank, "sample_ids": sample_ids}, ensure_ascii=False)
+        data = memoryview((line + "\n").encode("utf-8"))
         with self._locked():
-            os.write(self._fd, (line + "\n").encode("utf-8"))
+            end = os.fstat(self._fd).st_size
+            try:
+                while data:  # a write to a filling disk can be short before it fails outright
+                    data = data[os.write(self._fd, data) :]
+            except OSError:
+                os.ftruncate(self._fd, end)  # no cut line for the next append to run into
+                raise
 
     def rewind(self, step: int) -> int:
-        """Drop this rank's lines of steps after ``step``; returns how many were dropped."""
+        """Drop this rank's lines of steps after ``step``; returns how many were dropped.
+
+        The kept lines are first saved beside the log (``<log>.rewind``, published by rename), then
+        the log is rewritten in place and the copy removed: a rewind killed half-way is finished
+        from the copy by the next one, so the log is never left torn or empty.
+        """
         with self._locked():
-            os.lseek(self._fd, 0, os.SEEK_SET)
-            chunks = []
-            while chunk := os.read(self._fd, 1 << 20):
-                chunks.append(chunk)
-            lines = b"".join(chunks).decode("utf-8").splitlines()
+            self._finish_interrupted_rewind()
+            lines = self._read().decode("utf-8").splitlines()
             kept = [line for line in lines if not self._is_later_own_line(line, step)]
-            os.ftruncate(self._fd, 0)
-            os.write(self._fd, "".join(line + "\n" for line in kept).encode("utf-8"))
+            if len(kept) == len(lines):
+                return 0
+            data = "".join(line + "\n" for line in kept).encode("utf-8")
+            pending, saved = self._rewind_copies()
+            with open(pending, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(pending, saved)
+            self._overwrite(data)
+            saved.unlink()
         return len(lines) - len(kept)
+
+    def _rewind_copies(self) -> tuple[Path, Path]:
+        saved = self.path.with_name(self.path.name + ".rewind")
+        return saved.with_name(saved.name + ".tmp"), saved
+
+    def _finish_interrupted_rewind(self) -> None:
+        pending, saved = self._rewind_copies()
+        pending.unlink(missing_ok=True)  # killed while saving the copy: the log itself is intact
+        if saved.exists():  # killed while rewriting the log: the copy is what it should hold
+            self._overwrite(saved.read_bytes())
+            saved.unlink()
+
+    def _read(self) -> bytes:
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(self._fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _overwrite(self, data: bytes) -> None:
+        os.ftruncate(self._fd, 0)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        os.fsync(self._fd)
 
     def _is_later_own_line(self, line: str, step: int) -> bool:
         try:

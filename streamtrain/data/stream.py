@@ -34,7 +34,7 @@ from streamtrain.data.plan import (
     worker_batches,
     worker_pieces,
 )
-from streamtrain.data.remote import RetryPolicy, ShardReadError, iter_samples
+from streamtrain.data.remote import DEFAULT_MAX_MEMBER_BYTES, RetryPolicy, ShardReadError, iter_samples
 from streamtrain.data.shards import Dataset
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class StreamConfig:
     """Samples per shuffle window (undecoded bytes held per worker); 1 reads in plan order."""
     warn_every_s: float = 30.0
     """At most one warning per this many seconds per worker for read-time failures."""
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    """A sample with a larger tar member is skipped unread (counted as ``oversized_samples``)."""
 
 
 class _RateLimitedLog:
@@ -72,7 +74,10 @@ class _RateLimitedLog:
 
 
 class ShardStream(IterableDataset):
-    """Infinite, deterministic batches for one rank; yields ``(batch, read_stats)`` pairs."""
+    """Infinite, deterministic batches for one rank; yields ``(batch, read_stats)`` pairs.
+
+    ``batch`` is None where none of its samples could be read or decoded.
+    """
 
     def __init__(
         self,
@@ -121,7 +126,7 @@ class ShardStream(IterableDataset):
     ) -> Iterator[tuple[Any, dict[str, int]]]:
         batch_size = self.topology.batch_size
         pieces = worker_pieces(list(self.dataset.shards), self.topology, self.config.seed, epoch, worker)
-        run = _Run(self.dataset, pieces, self.retry, warnings)
+        run = _Run(self.dataset, pieces, self.retry, warnings, self.config.max_member_bytes)
         window_size = max(1, self.config.shuffle_buffer)
         position = first_batch * batch_size
         pending: list[Any] = []
@@ -164,6 +169,10 @@ class ShardStream(IterableDataset):
             for raw in raw_samples:
                 if raw is None:
                     continue  # unreadable: already counted by the reader
+                if "__error__" in raw:
+                    stats["oversized_samples"] += 1
+                    warnings.warn(f"skipping sample {raw['__key__']} of {raw['__url__']}: {raw['__error__']}")
+                    continue
                 try:
                     sample = self.decode(raw, rng)
                 except Exception as exc:  # a bad sample must never stop training
@@ -175,6 +184,11 @@ class ShardStream(IterableDataset):
                     continue
                 decoded.append(sample)
         stats["samples"] += len(decoded)
+        if not decoded:
+            # Every sample unreadable (e.g. a missing shard): the batch keeps its place in the
+            # order as None, which the trainer steps over without breaking distributed lockstep.
+            stats["empty_batches"] += 1
+            return None
         return self.collate(decoded)
 
 
@@ -186,12 +200,18 @@ class _Run:
     """
 
     def __init__(
-        self, dataset: Dataset, pieces: list[Piece], retry: RetryPolicy | None, warnings: _RateLimitedLog
+        self,
+        dataset: Dataset,
+        pieces: list[Piece],
+        retry: RetryPolicy | None,
+        warnings: _RateLimitedLog,
+        max_member_bytes: int,
     ) -> None:
         self.dataset = dataset
         self.pieces = pieces
         self.retry = retry
         self.warnings = warnings
+        self.max_member_bytes = max_member_bytes
         self.failed: set[str] = set()
         self._open: tuple[int, int, Iterator[dict[str, Any]]] | None = None
         """(piece index, run position of its next sample, its sample iterator)."""
@@ -212,6 +232,8 @@ class _Run:
                             found[position] = next(samples)
                             position += 1
                             self._open = (index, position, samples)
+                        if hi == offset + len(piece) and piece.stop == shard.samples:
+                            self._check_ended(samples, shard.url, shard.samples, stats)
                 except (ShardReadError, StopIteration) as exc:
                     self._open = None
                     self.failed.add(shard.url)
@@ -224,9 +246,25 @@ class _Run:
             offset += len(piece)
         return found
 
+    def _check_ended(
+        self, samples: Iterator[dict[str, Any]], url: str, listed: int, stats: Counter[str]
+    ) -> None:
+        """A shard with more samples than its manifest lists is reported, not silently cut.
+
+        Costs nothing when the count is right: the end-of-archive block is already read.
+        """
+        if next(samples, None) is not None:
+            stats["shard_errors"] += 1
+            self.warnings.warn(
+                f"{url} holds more samples than the {listed} its manifest lists; the rest were not read"
+            )
+
     def _reader(self, index: int, piece: Piece, offset: int, position: int) -> Iterator[dict[str, Any]]:
         if self._open is not None and self._open[:2] == (index, position):
             return self._open[2]
         first = piece.start + position - offset
-        url = self.dataset.shards[piece.shard].url
-        return iter_samples(url, first, piece.stop, self.retry)  # to the piece's end: kept open
+        shard = self.dataset.shards[piece.shard]
+        # A piece that ends the shard reads on to its end, so a miscounted manifest shows.
+        stop = None if piece.stop == shard.samples else piece.stop
+        # To the piece's end: kept open.
+        return iter_samples(shard.url, first, stop, self.retry, max_member_bytes=self.max_member_bytes)

@@ -7,6 +7,7 @@ import functools
 import io
 import random
 import struct
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,7 +48,11 @@ def decode_image(data: bytes, target_size: int | None = None) -> Image.Image:
     ``train_resize(target_size)``. After the transforms resize to ``target_size`` the
     result equals that of a full decode within resize tolerance, for far less decoding work.
     """
-    image = Image.open(io.BytesIO(data))
+    with warnings.catch_warnings():
+        # Pillow only warns between MAX_IMAGE_PIXELS and twice that; a few KB of PNG can ask
+        # for gigabytes there, so such an image is refused (and the sample skipped) too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(io.BytesIO(data))
     if target_size is not None and image.format in ("JPEG", "MPO"):
         need = train_resize(target_size)
         # Requesting (need, need) picks the largest scale keeping min(w, h) / scale >= need.

@@ -10,11 +10,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
+
+if TYPE_CHECKING:  # peft pulls in bitsandbytes and torch's compiler (seconds): imported on use
+    from peft import PeftModel
 
 DecoderMode = Literal["qlora", "lora", "full"]
 # Non-reentrant checkpointing needs no input that requires grad, which a frozen embedding lacks.
@@ -52,6 +54,8 @@ def load_decoder(
 
     Only a qlora decoder is on ``device`` already; the others are on the CPU for the caller to move.
     """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
     kwargs: dict = {"dtype": torch.float32 if mode == "full" else dtype}
     if mode == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(

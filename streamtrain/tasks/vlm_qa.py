@@ -20,7 +20,6 @@ from typing import Any, Literal
 import torch
 import yaml
 from accelerate import PartialState
-from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -118,14 +117,47 @@ def find_alignment_checkpoint(path: str) -> Path:
     )
 
 
-def load_aligned_vision(directory: Path) -> tuple[VisionEncoder, dict[str, Any]]:
-    """The vision encoder of the alignment checkpoint in ``directory``, and that run's data section."""
-    saved = yaml.safe_load((directory / CONFIG_FILE).read_text()) or {}
-    section = (saved.get("model") or {}).get("vision")
-    if saved.get("task") != "alignment" or not section:
+def check_model_source(key: str, source: str, markers: tuple[str, ...]) -> None:
+    """ValueError naming ``key`` when ``source`` is a local path that is missing or holds none of ``markers``.
+
+    A source that is not a path on disk is taken as a hub name (loaded from the local Hugging Face
+    cache: nothing is downloaded at run time)."""
+    path = Path(source).expanduser()
+    looks_local = path.exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1
+    if not looks_local:
+        return
+    if not path.is_dir():
+        raise ValueError(
+            f"{key}: {source} does not exist (give a model directory, or a hub name such as "
+            "Qwen/Qwen2.5-0.5B-Instruct that is in the local Hugging Face cache)"
+        )
+    if not any((path / marker).is_file() for marker in markers):
+        raise ValueError(
+            f"{key}: {source} holds no {' or '.join(markers)}; is it a Hugging Face model directory?"
+        )
+
+
+def aligned_config(directory: Path) -> dict[str, Any]:
+    """The saved config of the alignment checkpoint in ``directory``; ValueError if it is none."""
+    try:
+        saved = yaml.safe_load((directory / CONFIG_FILE).read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"model.encoder_checkpoint: {directory / CONFIG_FILE} is not valid YAML") from error
+    if (
+        not isinstance(saved, dict)
+        or saved.get("task") != "alignment"
+        or not (saved.get("model") or {}).get("vision")
+    ):
         raise ValueError(
             f"model.encoder_checkpoint: {directory} is not an alignment checkpoint with a vision encoder"
         )
+    return saved
+
+
+def load_aligned_vision(directory: Path) -> tuple[VisionEncoder, dict[str, Any]]:
+    """The vision encoder of the alignment checkpoint in ``directory``, and that run's data section."""
+    saved = aligned_config(directory)
+    section = saved["model"]["vision"]
     known = {item.name for item in dataclasses.fields(VisionConfig)}
     config = VisionConfig(**{key: value for key, value in section.items() if key in known})
     if config.kind == "torchvision":  # the checkpoint's weights replace any initial ones: fetch none
@@ -150,11 +182,15 @@ class VLMTask:
         self.config = config
         self.model_config: VLMModelConfig = config.model
         self.encoder_dir = find_alignment_checkpoint(self.model_config.encoder_checkpoint)
+        aligned_config(self.encoder_dir)  # fail on a wrong checkpoint before loading anything
+        check_model_source("model.decoder", self.model_config.decoder, ("config.json",))
+        key = "model.tokenizer" if self.model_config.tokenizer else "model.decoder"
         source = self.model_config.tokenizer or self.model_config.decoder
+        check_model_source(key, source, ("tokenizer_config.json", "tokenizer.json", "tokenizer.model"))
         try:
             self.tokenizer = load_tokenizer(source)
         except (OSError, ValueError) as error:
-            raise ValueError(f"model.tokenizer: cannot load a tokenizer from {source!r}: {error}") from None
+            raise ValueError(f"{key}: cannot load a tokenizer from {source!r}: {error}") from None
         if self.tokenizer.eos_token_id is None:
             raise ValueError(f"model.tokenizer: the tokenizer at {source!r} has no end-of-sequence token")
         self.prompt_ids = chat_prompt_ids(self.tokenizer)
@@ -281,6 +317,8 @@ class VLMTask:
         """
         assert isinstance(model, VisionLanguageModel)
         save_file(model.projector_state_dict(), str(directory / "projector.safetensors"))
+        from peft import PeftModel
+
         if isinstance(model.decoder, PeftModel):
             model.decoder.save_pretrained(directory / "adapter")
         else:

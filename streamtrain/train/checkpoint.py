@@ -20,6 +20,8 @@ MARKER = "COMPLETE"
 BEST = "best"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 TMP_PREFIX = ".tmp-"
+FULL_BELOW_BYTES = 1 << 20
+"""A failed write with less free space than this is reported as a full filesystem."""
 
 
 def step_dir_name(step: int) -> str:
@@ -77,6 +79,41 @@ def publish(staging: Path, output_dir: Path, step: int) -> Path:
     return final
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, quota, I/O error); older ones are untouched."""
+
+
+def discard_failed_write(
+    staging: Path, output_dir: Path, step: int, cause: BaseException
+) -> CheckpointWriteError:
+    """Remove what a failed write of checkpoint ``step`` left behind; the error to report."""
+    try:
+        free = shutil.disk_usage(output_dir).free
+    except OSError:
+        free = None
+    # torch.save reports a full disk only as "unexpected pos ..."; the free space tells.
+    if free is not None and free < FULL_BELOW_BYTES:
+        reason = f"its filesystem is full ({free / 2**20:.1f} MiB free)"
+    elif free is not None:
+        reason = f"{free / 2**20:.1f} MiB free on its filesystem"
+    else:
+        reason = "the free space on its filesystem is unknown"
+    final = output_dir / step_dir_name(step)
+    for partial in (staging, final):
+        if partial.is_dir() and not is_complete(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+    previous = latest_complete(output_dir)
+    resume = (
+        f"the newest complete checkpoint, {previous}, is intact and train.resume=auto continues from it"
+        if previous is not None
+        else "there is no complete checkpoint yet, so train.resume=auto starts over"
+    )
+    return CheckpointWriteError(
+        f"could not write checkpoint {staging}: {reason} ({type(cause).__name__}: {cause}). "
+        f"The partial checkpoint was removed; {resume} once there is room."
+    )
+
+
 def is_complete(directory: Path) -> bool:
     step = marker_step(directory)
     match = _STEP_DIR.match(directory.name)
@@ -115,6 +152,9 @@ def remove_stale(output_dir: Path) -> list[Path]:
     removed = []
     if not output_dir.is_dir():
         return removed
+    for child in list(output_dir.iterdir()):
+        if child.name.startswith(f"{TMP_PREFIX}old-"):  # a replace_dir (best/) killed half-way
+            restore_replaced(output_dir / child.name.removeprefix(f"{TMP_PREFIX}old-"))
     for child in output_dir.iterdir():
         stale = child.name.startswith(TMP_PREFIX) or (
             _STEP_DIR.match(child.name) is not None and child.is_dir() and not is_complete(child)
@@ -144,10 +184,18 @@ def rotate(output_dir: Path, keep_last: int, keep_every_steps: int) -> list[Path
     return removed
 
 
+def restore_replaced(target: Path) -> None:
+    """Put back ``target`` when a ``replace_dir`` was killed between its two renames."""
+    old = target.with_name(f"{TMP_PREFIX}old-{target.name}")
+    if old.is_dir() and not target.exists():
+        os.replace(old, target)
+
+
 def replace_dir(staging: Path, target: Path) -> None:
     """Atomically-as-possible swap ``target`` for the fully written ``staging`` folder."""
     _fsync_tree(staging)
     old = target.with_name(f"{TMP_PREFIX}old-{target.name}")
+    restore_replaced(target)
     if old.exists():
         shutil.rmtree(old)
     if target.exists():

@@ -77,10 +77,14 @@ def gather_objects(items: list[Any]) -> list[Any]:
 
 
 def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
-    """`values` summed across ranks; every rank must pass the same keys."""
+    """`values` summed across ranks; a key some ranks lack counts as 0 there.
+
+    Ranks may hold different keys (an error counter appears only where an error happened):
+    a sum over mismatched vectors would abort gloo or silently mix up NCCL's counters.
+    """
     if not _multi_process():
         return dict(values)
-    keys = sorted(values)  # the same order on every rank, whatever order the dict was built in
-    totals = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_device())
+    keys = sorted(set(gather_objects(sorted(values))))  # one order on every rank
+    totals = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64, device=_device())
     dist.all_reduce(totals)
     return dict(zip(keys, totals.tolist(), strict=True))

@@ -39,7 +39,10 @@ class JsonlTracker:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash mid-write
-        self.path.write_text("".join(line + "\n" for line in kept))
+        # Written beside and renamed over: a kill at any moment leaves the old file or the new one.
+        tmp = self.path.with_name(f".tmp-{self.path.name}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def log(self, values: dict[str, Any], step: int) -> None:
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}

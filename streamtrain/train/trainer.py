@@ -11,13 +11,18 @@ each rank's data-stream position are versioned JSON beside them. Nothing is re-r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import socket
 import time
 from collections import Counter
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,8 @@ import torch
 import yaml
 from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import load as load_checkpoint_file
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -68,6 +75,8 @@ class Trainer:
             config.checkpoint.best_mode if config.checkpoint.best_metric else task.default_best_mode
         )
         self.jsonl: JsonlTracker | None = None
+        self._stand_in: dict[str, Any] | None = None
+        """The last batch this rank trained on (see _backward_without_data)."""
         # DeepSpeed's own bf16/fp16 (when a config enables it explicitly) keeps the weights in half
         # precision and disables autocast in its engine, so floating inputs must arrive in it.
         ds = getattr(self.accelerator.state, "deepspeed_plugin", None)
@@ -99,6 +108,9 @@ class Trainer:
         self.train_loader = self._train_loader()
         if resume_from is not None:
             self._load(resume_from)
+        elif self.train_loader.sample_log is not None:
+            # A run killed before its first checkpoint left lines that this fresh start retrains.
+            self.train_loader.sample_log.rewind(0)
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / CONFIG_FILE).write_text(config.to_yaml())
@@ -107,6 +119,8 @@ class Trainer:
 
     def _resume_checkpoint(self) -> Path | None:
         resume, output = self.config.train.resume, self.output_dir
+        if output.exists() and not output.is_dir():
+            raise TrainingError(f"output_dir: {output} exists and is not a directory")
         if resume == "none":
             if checkpoint.latest_complete(output) is not None:
                 raise TrainingError(
@@ -221,24 +235,51 @@ class Trainer:
             # A loader (re)starting draws its worker seed from the global RNG, at step 0 or at the
             # resumed step: isolated, the RNG stream training sees (dropout) is the same either way.
             with torch.random.fork_rng(devices=[]):
-                batch = _to_device(next(self.train_loader), device, self._input_dtype)
+                batch = next(self.train_loader)
             window.data_wait += time.perf_counter() - waited
-            window.samples += _batch_size(batch)
-            self.samples_seen += _batch_size(batch) * acc.num_processes
             with acc.accumulate(self.model):
-                loss, extras = self.task.loss(self.model, batch, self.step)
-                acc.backward(loss)
+                if batch is None:
+                    self._backward_without_data()
+                else:
+                    batch = _to_device(batch, device, self._input_dtype)
+                    window.samples += _batch_size(batch)
+                    self.samples_seen += _batch_size(batch) * acc.num_processes
+                    loss, extras = self.task.loss(self.model, batch, self.step)
+                    acc.backward(loss)
+                    losses.append(loss.detach().float().item())
+                    self._stand_in = batch
                 if acc.sync_gradients:
                     window.grad_norm = self._clip()
                 self.optimizer.step()
                 if acc.sync_gradients:
                     self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach().float().item())
-        step_loss = sum(losses) / len(losses)
-        window.losses.append(step_loss)
+        step_loss = sum(losses) / len(losses) if losses else math.nan
+        if losses:
+            window.losses.append(step_loss)
         window.elapsed += time.perf_counter() - started
         return step_loss, extras
+
+    def _backward_without_data(self) -> None:
+        """This rank's micro-batch had no readable sample: keep every rank in the same step.
+
+        Alone, the micro-batch is simply passed over. Under DDP or DeepSpeed every rank must run
+        forward and backward for the gradient exchange, so the rank repeats its last batch with
+        the loss weighted by zero, in eval mode so that normalisation statistics stay untouched.
+        """
+        acc = self.accelerator
+        if acc.num_processes == 1 and not self.config.train.deepspeed:
+            return
+        if self._stand_in is None:
+            raise TrainingError(
+                f"rank {acc.process_index}: no sample of its first batch since the start could be read "
+                "(see the warnings about unreadable shards above), so it has no batch to take part in "
+                "the gradient exchange with; restore those shards and resume"
+            )
+        self.model.eval()
+        loss, _ = self.task.loss(self.model, self._stand_in, self.step)
+        self.model.train()
+        acc.backward(loss * 0.0)
 
     def _clip(self) -> float | None:
         max_norm = self.config.train.max_grad_norm
@@ -313,8 +354,13 @@ class Trainer:
         return metrics
 
     def _update_best(self, metrics: dict[str, float]) -> None:
-        value = metrics.get(self.best_metric)
-        if value is None or not math.isfinite(value):
+        if self.best_metric not in metrics:
+            raise TrainingError(
+                f"checkpoint.best_metric: evaluation has no {self.best_metric!r}; "
+                f"it reports {', '.join(sorted(metrics))}"
+            )
+        value = metrics[self.best_metric]
+        if not math.isfinite(value):
             return
         previous = self.best.get("value")
         better = previous is None or (value > previous if self.best_mode == "max" else value < previous)
@@ -361,9 +407,24 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         acc = self.accelerator
         staging = self.output_dir / f"{checkpoint.TMP_PREFIX}{checkpoint.step_dir_name(self.step)}"
+        try:
+            self._write_checkpoint(staging)
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            # A full disk, a quota, an I/O error: say where and why instead of a traceback, and
+            # free what the partial write took; the previous complete checkpoint stays the resume point.
+            raise checkpoint.discard_failed_write(staging, self.output_dir, self.step, exc) from exc
         if acc.is_main_process:
-            staging = checkpoint.staging_dir(self.output_dir, self.step)
-            staging.mkdir(parents=True)
+            checkpoint.rotate(
+                self.output_dir, self.config.checkpoint.keep_last, self.config.checkpoint.keep_every_steps
+            )
+        acc.wait_for_everyone()
+        return self.output_dir / checkpoint.step_dir_name(self.step)
+
+    def _write_checkpoint(self, staging: Path) -> None:
+        """Every rank's state into ``staging``, then published as this step's checkpoint."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            checkpoint.staging_dir(self.output_dir, self.step).mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(staging), safe_serialization=True)
         (staging / DATA_STATE_DIR).mkdir(exist_ok=True)
@@ -371,7 +432,6 @@ class Trainer:
             staging / DATA_STATE_DIR / f"rank-{acc.process_index:05d}.json", self.train_loader.state_dict()
         )
         weights = acc.get_state_dict(self.model) if self.config.train.deepspeed else None
-        final = self.output_dir / checkpoint.step_dir_name(self.step)
         if acc.is_main_process:
             if weights is not None:  # DeepSpeed keeps its own sharded format; add plain weights
                 self._write_weights(weights, staging)
@@ -382,11 +442,6 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             checkpoint.publish(staging, self.output_dir, self.step)
-            checkpoint.rotate(
-                self.output_dir, self.config.checkpoint.keep_last, self.config.checkpoint.keep_every_steps
-            )
-        acc.wait_for_everyone()
-        return final
 
     def _load(self, directory: Path) -> None:
         acc = self.accelerator
@@ -396,7 +451,22 @@ class Trainer:
                 f"{directory} holds no data-stream state for rank {acc.process_index}: it was saved by "
                 "a run with fewer processes. Resume with the original number of processes."
             )
-        acc.load_state(str(directory))
+        try:
+            # Accelerate unpickles with weights_only=True, which refuses anything but tensors and
+            # plain values, yet it passes over a random-state file it cannot load in silence: load
+            # that one first, so a refused file always stops the resume.
+            rng_state = directory / f"random_states_{acc.process_index}.pkl"
+            if rng_state.exists():
+                load_checkpoint_file(rng_state)
+            with _weights_only_loads(deepspeed=bool(self.config.train.deepspeed)):
+                acc.load_state(str(directory))
+        except pickle.UnpicklingError as exc:
+            named = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            why = f"it names {named.group(1)}" if named else "it holds more than tensors and plain values"
+            raise TrainingError(
+                f"{directory} holds a file that is not a plain tensor checkpoint ({why}); refusing to "
+                "unpickle it, as that could run code. Resume from a checkpoint you trust."
+            ) from None
         self.load_state_dict(json.loads((directory / TRAINER_STATE).read_text()))
         self.train_loader.load_state_dict(json.loads(data_state.read_text()))
         self._print(f"resumed from {directory} at step {self.step}")
@@ -439,14 +509,14 @@ def _build_accelerator(config: RunConfig, output_dir: Path) -> Accelerator:
     precision = config.train.mixed_precision
     if precision == "auto":
         precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-    handlers = []
+    group: dict[str, Any] = {"timeout": timedelta(seconds=config.train.collective_timeout_s)}
     plugin = None
     if config.train.deepspeed:
         _single_process_group_env()
         plugin = DeepSpeedPlugin(hf_ds_config=_deepspeed_config(config, precision))
         precision = "no"  # DeepSpeed's config carries the precision (see _deepspeed_config)
         if not cuda:  # DeepSpeed on CPU needs gloo named explicitly (see ENVIRONMENT.md)
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            group["backend"] = "gloo"
     return Accelerator(
         # Without DeepSpeed, CPU processes must say so to run DDP on gloo (see ENVIRONMENT.md);
         # with it they must not, or Accelerate silently drops DeepSpeed.
@@ -456,7 +526,7 @@ def _build_accelerator(config: RunConfig, output_dir: Path) -> Accelerator:
         deepspeed_plugin=plugin,
         log_with=accelerate_trackers(config.log.trackers, output_dir) or None,
         project_dir=str(output_dir),
-        kwargs_handlers=handlers,
+        kwargs_handlers=[InitProcessGroupKwargs(**group)],
         step_scheduler_with_optimizer=False,
     )
 
@@ -478,9 +548,44 @@ def _single_process_group_env() -> None:
     os.environ.update(env)
 
 
+@contextlib.contextmanager
+def _weights_only_loads(deepspeed: bool) -> Iterator[None]:
+    """Every ``torch.load`` inside unpickles tensors and plain values only, never code.
+
+    Accelerate loads with ``weights_only=True`` already; DeepSpeed loads its own files with
+    ``weights_only=False``. Inside this block torch is told to ignore that (its
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD switch), with the few plain DeepSpeed types its optimizer
+    state holds allowed by name.
+    """
+    if not deepspeed:
+        yield
+        return
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        plain_types = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+        with torch.serialization.safe_globals(plain_types):
+            yield
+    finally:
+        if previous is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
 def _deepspeed_config(config: RunConfig, precision: str) -> dict[str, Any]:
     """The recipe's DeepSpeed JSON with its "auto" values filled from the train section."""
-    ds = json.loads(Path(config.train.deepspeed or "").read_text())
+    path = Path(config.train.deepspeed or "")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise TrainingError(f"train.deepspeed: {path} is not valid JSON: {exc}") from None
+    if not isinstance(ds, dict):
+        raise TrainingError(f"train.deepspeed: {path} must hold a JSON object, got {type(ds).__name__}")
     train = config.train
     fill = {
         "train_micro_batch_size_per_gpu": train.batch_size,

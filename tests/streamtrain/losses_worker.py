@@ -65,11 +65,7 @@ def check_helpers(rank: int) -> dict[str, Any]:
     counters = {"skipped": rank + 1, "seen": 10.5 * (rank + 1)}
     if rank == 1:
         counters = dict(reversed(counters.items()))
-    try:
-        gather_with_grad(local)
-        unequal_error = None
-    except ValueError as error:
-        unequal_error = str(error)
+    with_grad = gather_with_grad(local)  # unequal batches: padded, gathered, trimmed
     return {
         "rank": distributed.rank(),
         "world_size": distributed.world_size(),
@@ -78,7 +74,8 @@ def check_helpers(rank: int) -> dict[str, Any]:
         "gathered_with_empty": gathered_with_empty.tolist(),
         "objects": distributed.gather_objects([f"rank{rank}-item{i}" for i in range(rows)]),
         "sums": distributed.all_reduce_sum(counters),
-        "unequal_error": unequal_error,
+        "with_grad": with_grad.tolist(),
+        "with_grad_requires_grad": with_grad.requires_grad,
     }
 
 

@@ -52,3 +52,34 @@ def test_a_line_cut_by_a_crash_is_ignored_and_dropped_on_rewind(tmp_path: Path) 
         handle.write('{"step": 4, "rank": 0, "sample_')
     assert [e["step"] for e in read_sample_log(path)] == [1, 2, 3]
     assert SampleLog(path, 0).rewind(3) == 1 and path.read_text().endswith("}\n")
+
+
+def test_a_rewind_killed_while_rewriting_is_finished_by_the_next_one(tmp_path: Path) -> None:
+    path = tmp_path / "samples.jsonl"
+    log = SampleLog(path, rank=0)
+    for step in (1, 2, 3, 4):
+        log.record(step, [f"s{step}"])
+    log.close()
+    expected = b"".join(line for line in path.read_bytes().splitlines(keepends=True)[:2])
+    # The state a kill leaves between saving the kept lines and rewriting the log: a torn log.
+    (tmp_path / "samples.jsonl.rewind").write_bytes(expected)
+    path.write_bytes(expected[:7])
+
+    log = SampleLog(path, rank=0)
+    assert log.rewind(2) == 0
+    log.close()
+    assert path.read_bytes() == expected
+    assert [entry["step"] for entry in read_sample_log(path)] == [1, 2]
+    assert not (tmp_path / "samples.jsonl.rewind").exists()
+
+
+def test_a_rewind_killed_while_saving_its_copy_leaves_the_log_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "samples.jsonl"
+    log = SampleLog(path, rank=0)
+    for step in (1, 2, 3):
+        log.record(step, [f"s{step}"])
+    (tmp_path / "samples.jsonl.rewind.tmp").write_bytes(b'{"step": 1, "ra')  # a partial copy
+    assert log.rewind(1) == 2
+    log.close()
+    assert [entry["step"] for entry in read_sample_log(path)] == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.jsonl"]

@@ -61,3 +61,12 @@ def test_replace_dir_swaps_best(tmp_path: Path) -> None:
         checkpoint.replace_dir(staging, best)
         assert (best / "metrics.json").read_text() == value
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+def test_best_survives_a_replace_killed_between_its_renames(tmp_path: Path) -> None:
+    old = tmp_path / ".tmp-old-best"  # where replace_dir moves best/ before renaming the new one in
+    old.mkdir()
+    (old / "metrics.json").write_text('{"step": 4}')
+    checkpoint.remove_stale(tmp_path)
+    assert (tmp_path / "best" / "metrics.json").read_text() == '{"step": 4}'
+    assert not old.exists()
