@@ -46,6 +46,9 @@ class DataConfig:
     """Batches each worker prepares ahead."""
     shuffle_buffer: int = 256
     """Samples per shuffle window per worker (undecoded bytes held in memory); 1 keeps plan order."""
+    max_member_mb: float = 256.0
+    """A tar member (one image, clip or text) larger than this is skipped unread and its sample
+    counted in data/oversized_samples: a hostile or broken shard cannot exhaust memory."""
     image_size: int = 224
     """Square size images are cropped to."""
     horizontal_flip: bool = True
@@ -66,6 +69,8 @@ class DataConfig:
         if not 0.0 <= self.text_dropout_prob <= 1.0:
             found.append(f"text_dropout_prob: {self.text_dropout_prob} is not in [0, 1]")
         found += _at_least(self, ("num_workers", 0), ("prefetch_factor", 1), ("shuffle_buffer", 1))
+        if self.max_member_mb <= 0:
+            found.append(f"max_member_mb: {self.max_member_mb} must be > 0")
         found += _at_least(self, ("image_size", 8), ("max_question_tokens", 1), ("max_answer_tokens", 2))
         return found
 

@@ -16,7 +16,7 @@ from typing import Any
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from streamtrain.data.plan import slice_sequence
-from streamtrain.data.remote import RetryPolicy, ShardReadError, iter_samples
+from streamtrain.data.remote import DEFAULT_MAX_MEMBER_BYTES, RetryPolicy, ShardReadError, iter_samples
 from streamtrain.data.shards import Dataset
 from streamtrain.data.stream import Collate, Decode
 
@@ -38,8 +38,10 @@ class EvalStream(IterableDataset):
         collate: Collate,
         max_samples: int | None = None,
         retry: RetryPolicy | None = None,
+        max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     ) -> None:
         self.dataset = dataset
+        self.max_member_bytes = max_member_bytes
         self.rank = rank
         self.world_size = world_size
         self.batch_size = batch_size
@@ -62,7 +64,9 @@ class EvalStream(IterableDataset):
             url = shards[piece.shard].url
             read = 0
             try:
-                for raw in iter_samples(url, piece.start, piece.stop, self.retry):
+                for raw in iter_samples(
+                    url, piece.start, piece.stop, self.retry, max_member_bytes=self.max_member_bytes
+                ):
                     read += 1
                     if "__error__" in raw:  # a member over the size limit, left unread
                         stats["oversized_samples"] += 1

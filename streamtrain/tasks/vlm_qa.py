@@ -33,8 +33,8 @@ from streamtrain.models.vision import VisionConfig, VisionEncoder, build_vision_
 from streamtrain.models.vlm import VisionLanguageModel
 from streamtrain.qa_metrics import answer_metrics
 from streamtrain.train import checkpoint
+from streamtrain.train.checkpoint import CONFIG_FILE, WEIGHTS_FILE
 from streamtrain.train.distributed import all_reduce_sum, gather_objects
-from streamtrain.train.trainer import CONFIG_FILE, WEIGHTS_FILE
 
 logger = logging.getLogger(__name__)
 ALIGNMENT_HINT = "train the encoder first: ./launch.sh alignment (it writes runs/alignment/best)"

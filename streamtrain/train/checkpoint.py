@@ -20,6 +20,10 @@ MARKER = "COMPLETE"
 BEST = "best"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 TMP_PREFIX = ".tmp-"
+CONFIG_FILE = "config.yaml"
+"""The resolved config, in output_dir and in every checkpoint."""
+WEIGHTS_FILE = "model.safetensors"
+"""The model's weights in a checkpoint (unwrapped; gathered under ZeRO)."""
 FULL_BELOW_BYTES = 1 << 20
 """A failed write with less free space than this is reported as a full filesystem."""
 

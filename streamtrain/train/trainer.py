@@ -50,8 +50,8 @@ from streamtrain.train.tracking import JsonlTracker, accelerate_trackers
 
 TRAINER_STATE = "trainer_state.json"
 DATA_STATE_DIR = "data"
-CONFIG_FILE = "config.yaml"
-WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = checkpoint.CONFIG_FILE
+WEIGHTS_FILE = checkpoint.WEIGHTS_FILE
 
 
 class TrainingError(RuntimeError):
@@ -173,7 +173,11 @@ class Trainer:
             topology,
             self.task.decoder(train=True),
             self.task.collate,
-            StreamConfig(seed=config.train.seed, shuffle_buffer=config.data.shuffle_buffer),
+            StreamConfig(
+                seed=config.train.seed,
+                shuffle_buffer=config.data.shuffle_buffer,
+                max_member_bytes=_member_bytes(config),
+            ),
         )
         sample_log = SampleLog(config.data.sample_log, acc.process_index) if config.data.sample_log else None
         return StreamLoader(
@@ -332,6 +336,7 @@ class Trainer:
             self.task.decoder(train=False),
             self.task.collate,
             max_samples=config.eval.max_samples,
+            max_member_bytes=_member_bytes(config),
         )
         read_stats: Counter[str] = Counter()
 
@@ -502,6 +507,10 @@ class _Window:
         self.data_wait = 0.0
         self.elapsed = 0.0
         self.grad_norm: float | None = None
+
+
+def _member_bytes(config: RunConfig) -> int:
+    return int(config.data.max_member_mb * 2**20)
 
 
 def _build_accelerator(config: RunConfig, output_dir: Path) -> Accelerator:

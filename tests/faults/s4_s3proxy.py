@@ -98,6 +98,12 @@ class FaultProxy:
             self.fault = fault
         return fault
 
+    def disarm(self, fault: Fault) -> None:
+        """Withdraw ``fault`` if it is still the armed one."""
+        with self._lock:
+            if self.fault is fault:
+                self.fault = None
+
     def _fault_for_request(self) -> Fault | None:
         """The fault this request meets (starting an armed one), or None."""
         with self._lock:

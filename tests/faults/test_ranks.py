@@ -186,7 +186,6 @@ def test_uneven_ranks_and_a_lost_shard_keep_equal_steps(
         fault_record.faults += 1
         fault_record.lost += result.lost
         fault_record.repeated += result.repeated
-        fault_record.recovery_s.append(0.0)  # nothing stops: the rank passes over the lost samples
         assert result.same_order, "equal steps on both ranks, in the reference's order"
         assert (result.lost, result.repeated) == (0, 0), result
         assert result.skipped == len(victim_ids), (result, deleted)

@@ -107,6 +107,10 @@ def _steps_logged(log: Path) -> int:
     return len(read_sample_log(log)) if log.exists() else 0
 
 
+class _RunEnded(Exception):
+    """The run ended before the fault plan was through."""
+
+
 class _Driver(threading.Thread):
     """Injects one trial's faults in order, each once the run has logged its trigger step."""
 
@@ -123,6 +127,10 @@ class _Driver(threading.Thread):
         self.faults: list[Fault] = []
         self.deleted: str | None = None
         self.errors: list[BaseException] = []
+        self.finished = threading.Event()
+        """Set by the test when the run has ended."""
+        self.outrun = False
+        """The run ended (having read all it needed) before the plan's next fault could hit."""
 
     def run(self) -> None:
         try:
@@ -132,14 +140,25 @@ class _Driver(threading.Thread):
                 self._wait_for_step(step)
                 fault = self._arm(kind)
                 self.faults.append(fault)
-                if not fault.done.wait(FAULT_WAIT_S):
-                    raise AssertionError(f"{kind} fault: the stream never recovered (hits {fault.hits})")
+                deadline = time.monotonic() + FAULT_WAIT_S
+                while not fault.done.wait(0.1):
+                    if self.finished.is_set() and fault.hits == 0:
+                        self.proxy.disarm(fault)  # armed after the worker's last request: never injected
+                        self.faults.pop()
+                        self.outrun = True
+                        return
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"{kind} fault: the stream never recovered (hits {fault.hits})")
+        except _RunEnded:
+            self.outrun = True
         except BaseException as exc:
             self.errors.append(exc)
 
     def _wait_for_step(self, step: int) -> None:
         deadline = time.monotonic() + FAULT_WAIT_S
         while _steps_logged(self.log) < step:
+            if self.finished.is_set():
+                raise _RunEnded
             if time.monotonic() > deadline:
                 raise AssertionError(f"training never reached step {step}")
             time.sleep(0.02)
@@ -201,7 +220,10 @@ def test_s3_faults_keep_the_sample_order(
     assert MANIFEST_NAME in {p.name for p in small_shards.iterdir()}
 
     rng = fault_rng(SCENARIO)
-    for trial in range(trials(1, 3)):
+    wanted, attempts = trials(1, 3), 0
+    while fault_record.trials < wanted:
+        trial, attempts = attempts, attempts + 1
+        assert attempts <= wanted + 3, "runs keep outrunning the fault plan: the test is too loose"
         data = _upload(server, small_shards, s3_bucket, f"trial-{trial}")
         out = tmp_path / f"trial-{trial}"
         warnings = logging.FileHandler(tmp_path / f"warnings-{trial}.log")
@@ -211,16 +233,24 @@ def test_s3_faults_keep_the_sample_order(
         try:
             _train(data, out)
         finally:
+            driver.finished.set()
             driver.join(FAULT_WAIT_S)
             logging.getLogger("streamtrain").removeHandler(warnings)
             warnings.close()
         assert not driver.is_alive(), "the fault driver hung"
         if driver.errors:
             raise driver.errors[0]
-        assert driver.deleted is not None and len(driver.faults) == len(TRANSIENT)
-
-        deleted_ids = shard_sample_ids(str(small_shards / driver.deleted.rsplit("/", 1)[1]))
+        deleted = small_shards / driver.deleted.rsplit("/", 1)[1] if driver.deleted else None
+        deleted_ids = shard_sample_ids(str(deleted)) if deleted else set()
         result = compare(reference, by_step(out / "samples.jsonl"), deleted_ids)
+        assert result.same_order, "the sample order differs from the reference"
+        assert (result.lost, result.repeated) == (0, 0), result
+        if driver.outrun or result.skipped == 0:
+            # The worker had read ahead of the plan: a planned fault came after its last request,
+            # or the shard deleted "ahead" of it was already read. The order held (checked above),
+            # but the trial tested less than planned; another one runs in its place.
+            continue
+        assert len(driver.faults) == len(TRANSIENT)
         final = [m for m in read_metrics(out) if "data/samples" in m][-1]
         log_text = (tmp_path / f"warnings-{trial}.log").read_text()
         fault_record.trials += 1
@@ -230,9 +260,7 @@ def test_s3_faults_keep_the_sample_order(
         for fault in driver.faults:
             assert fault.hits > 0, f"the {fault.kind} fault never hit a request"
             fault_record.recovery_s.append(fault.recovery_s)
-        # Transient faults: ridden out by retries, with the reference's exact order.
-        assert result.same_order, "the sample order differs from the reference"
-        assert (result.lost, result.repeated) == (0, 0), result
+        # Transient faults were ridden out by retries, with the reference's exact order (above).
         fault_record.survived += len(driver.faults)
         # The deleted shard: skipped (all of it), counted exactly, and reported by name.
         assert result.skipped == len(deleted_ids) == SHARD_SAMPLES

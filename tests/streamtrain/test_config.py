@@ -104,14 +104,23 @@ def test_value_checks_run_when_types_are_right(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(
             write(tmp_path, base()),
-            ["data.num_workers=-1", "model.dims=[8,4]", "train.betas=[0.9]", "data.text_dropout_prob=2"],
+            [
+                "data.num_workers=-1",
+                "model.dims=[8,4]",
+                "train.betas=[0.9]",
+                "data.text_dropout_prob=2",
+                "data.max_member_mb=0",
+                "train.collective_timeout_s=0",
+            ],
             TYPES,
         )
     assert sorted(caught.value.problems) == [
+        "data.max_member_mb: 0.0 must be > 0",
         "data.num_workers: -1 must be >= 0",
         "data.text_dropout_prob: 2.0 is not in [0, 1]",
         "model.dims: [8, 4] must ascend",
         "train.betas: [0.9] must be two numbers in [0, 1)",
+        "train.collective_timeout_s: 0.0 must be > 0",
     ]
 
 
