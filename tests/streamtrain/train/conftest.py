@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -83,3 +85,30 @@ def streamtrain(args: list[str], nproc: int = 1, timeout: float = 240) -> subpro
         return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env(), cwd=ROOT)
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"streamtrain hung; output:\n{exc.stdout}\n{exc.stderr}") from None
+
+
+def losses(output: Path) -> dict[int, float]:
+    """Each step's train/loss from a run's metrics.jsonl."""
+    from streamtrain.train.tracking import read_metrics
+
+    return {m["step"]: m["train/loss"] for m in read_metrics(output) if "train/loss" in m}
+
+
+def by_step(log: Path) -> dict[tuple[int, int], list[str]]:
+    """A sample log as {(step, rank): sample_ids}."""
+    from streamtrain.data.sample_log import read_sample_log
+
+    return {(line["step"], line["rank"]): line["sample_ids"] for line in read_sample_log(log)}
+
+
+def wait_for(predicate: Callable[[], bool], process: subprocess.Popen[str], timeout: float) -> None:
+    """Poll ``predicate`` until true; fail if ``process`` ends first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            stderr = process.stderr.read() if process.stderr else ""
+            raise AssertionError(f"run ended before the kill point:\n{stderr}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError("kill point never reached")
+        time.sleep(0.05)

@@ -15,13 +15,9 @@ from streamtrain.tasks import TASKS, model_types
 from streamtrain.train import checkpoint
 from streamtrain.train.tracking import read_metrics
 from streamtrain.train.trainer import Trainer
-from tests.streamtrain.train.conftest import ROOT, streamtrain, tiny_overrides
+from tests.streamtrain.train.conftest import ROOT, by_step, streamtrain, tiny_overrides
 
 RECIPE = ROOT / "configs" / "alignment.yaml"
-
-
-def by_step(log: Path) -> dict[tuple[int, int], list[str]]:
-    return {(line["step"], line["rank"]): line["sample_ids"] for line in read_sample_log(log)}
 
 
 def test_in_process_run_trains_evaluates_and_checkpoints(

@@ -19,8 +19,7 @@ from streamtrain.tasks import TASKS, model_types
 from streamtrain.train import checkpoint
 from streamtrain.train.tracking import read_metrics
 from streamtrain.train.trainer import Trainer
-from tests.streamtrain.train.conftest import ROOT, env, streamtrain, tiny_overrides
-from tests.streamtrain.train.test_alignment_run import _wait_for, by_step, losses
+from tests.streamtrain.train.conftest import ROOT, by_step, env, losses, streamtrain, tiny_overrides, wait_for
 from tests.streamtrain.vlm.conftest import fit_digit_encoder, write_alignment_checkpoint
 
 RECIPE = ROOT / "configs" / "vlm_qa.yaml"
@@ -165,7 +164,7 @@ def test_sigkilled_qlora_run_resumes_exactly(
         cwd=ROOT,
     )
     # Kill (SIGKILL, no cleanup) three steps after the step-4 checkpoint is complete.
-    _wait_for(
+    wait_for(
         lambda: checkpoint.is_complete(out / "step-00000004") and max(losses(out), default=0) >= 7,
         process,
         timeout=240,
