@@ -17,33 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
-
-import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.training_run import measure  # noqa: E402
 from tests.streamtrain.train.conftest import convert_sample  # noqa: E402
 
 RECIPE = ROOT / "configs" / "alignment.yaml"
 LOG_EVERY = 10
-
-
-def _tree_pss_mb(process: psutil.Process) -> float:
-    """Proportional set size of the process tree: forked workers share pages, RSS would count them twice."""
-    total = 0
-    for member in [process, *process.children(recursive=True)]:
-        try:
-            total += member.memory_full_info().pss
-        except psutil.Error:
-            continue
-    return total / 1e6
 
 
 def run(label: str, nproc: int, overrides: list[str], work: Path) -> dict[str, Any]:
@@ -62,28 +48,9 @@ def run(label: str, nproc: int, overrides: list[str], work: Path) -> dict[str, A
             *module,
         ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(max(1, os.cpu_count() // nproc))}
-    started = time.perf_counter()
-    child = subprocess.Popen(
-        command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    watcher, peak = psutil.Process(child.pid), 0.0
-    while child.poll() is None:
-        peak = max(peak, _tree_pss_mb(watcher))
-        time.sleep(0.2)
-    if child.returncode != 0:
-        raise SystemExit(f"{label} failed:\n{child.stderr.read()[-3000:]}")  # type: ignore[union-attr]
-    windows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    windows = [w for w in windows if "train/samples_per_s" in w][1:]  # the first window holds start-up
-    samples_per_s = sum(w["train/samples_per_s"] for w in windows) / len(windows)
-    wait = sum(w["train/data_wait_fraction"] for w in windows) / len(windows)
-    result = {
-        "label": label,
-        "processes": nproc,
-        "samples_per_s": samples_per_s,
-        "data_wait_fraction": wait,
-        "peak_pss_mb": peak,
-        "wall_s": time.perf_counter() - started,
-    }
+    result = measure(label, command, env, ROOT, output)
+    result["processes"] = nproc
+    samples_per_s, wait, peak = result["samples_per_s"], result["data_wait_fraction"], result["peak_pss_mb"]
     print(
         f"{label:<28} {samples_per_s:8.1f} samples/s   data wait {100 * wait:5.2f}%   "
         f"peak PSS {peak:7.0f} MB   ({result['wall_s']:.0f} s)",

@@ -19,19 +19,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import psutil
 import pyarrow.parquet as pq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.training_run import measure  # noqa: E402
 from streamtrain.data.transforms import chat_prompt_ids, tokenize_qa  # noqa: E402
 from streamtrain.models.qwen import load_tokenizer, write_tiny_qwen2  # noqa: E402
 from tests.streamtrain.train.conftest import convert_sample  # noqa: E402
@@ -55,16 +53,6 @@ def mean_tokens(decoder: Path) -> tuple[float, float]:
     return total / rows.num_rows, answers / rows.num_rows
 
 
-def _tree_pss_mb(process: psutil.Process) -> float:
-    total = 0
-    for member in [process, *process.children(recursive=True)]:
-        try:
-            total += member.memory_full_info().pss
-        except psutil.Error:
-            continue
-    return total / 1e6
-
-
 def run(label: str, overrides: list[str], work: Path, tokens: tuple[float, float]) -> dict[str, Any]:
     output = work / label
     command = [
@@ -77,29 +65,10 @@ def run(label: str, overrides: list[str], work: Path, tokens: tuple[float, float
         *overrides,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    started = time.perf_counter()
-    child = subprocess.Popen(
-        command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    watcher, peak = psutil.Process(child.pid), 0.0
-    while child.poll() is None:
-        peak = max(peak, _tree_pss_mb(watcher))
-        time.sleep(0.2)
-    if child.returncode != 0:
-        raise SystemExit(f"{label} failed:\n{child.stderr.read()[-3000:]}")  # type: ignore[union-attr]
-    windows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-    windows = [w for w in windows if "train/samples_per_s" in w][1:]  # the first window holds start-up
-    samples_per_s = sum(w["train/samples_per_s"] for w in windows) / len(windows)
-    wait = sum(w["train/data_wait_fraction"] for w in windows) / len(windows)
-    result = {
-        "label": label,
-        "samples_per_s": samples_per_s,
-        "tokens_per_s": samples_per_s * tokens[0],
-        "answer_tokens_per_s": samples_per_s * tokens[1],
-        "data_wait_fraction": wait,
-        "peak_pss_mb": peak,
-        "wall_s": time.perf_counter() - started,
-    }
+    result = measure(label, command, env, ROOT, output)
+    samples_per_s, wait, peak = result["samples_per_s"], result["data_wait_fraction"], result["peak_pss_mb"]
+    result["tokens_per_s"] = samples_per_s * tokens[0]
+    result["answer_tokens_per_s"] = samples_per_s * tokens[1]
     print(
         f"{label:<8} {samples_per_s:7.1f} samples/s  {result['tokens_per_s']:8.0f} tokens/s "
         f"({result['answer_tokens_per_s']:6.1f} answer tokens/s)  data wait {100 * wait:5.2f}%  "

@@ -183,6 +183,9 @@ def test_disk_full_during_checkpoint_keeps_the_previous_one(
         fill_during_checkpoint(
             recipe, reference, disk, disk / "run", fault_rng(f"{SCENARIO} #{trial}"), fault_record
         )
+    # fill_during_checkpoint asserts each step of the contract; the trial must have counted.
+    record = fault_record
+    assert (record.trials, record.survived, record.lost, record.repeated) == (1, 1, 0, 0)
 
 
 @pytest.mark.scenario(SCENARIO)

@@ -16,7 +16,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,6 +26,7 @@ from tests import factories
 from tests.faults.conftest import FaultRecord, fault_rng, trials
 from tests.shardify.helpers import (
     committed_rows,
+    convert_command,
     output_files,
     read_manifest,
     read_samples,
@@ -60,20 +60,7 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _start(source: Path, out: Path, workers: int, stderr: Path) -> subprocess.Popen[bytes]:
-    command = [
-        sys.executable,
-        "-m",
-        "shardify",
-        "parquet-to-tar",
-        str(source),
-        "-o",
-        str(out),
-        "--max-samples-per-shard",
-        str(SHARD_SAMPLES),
-        "--workers",
-        str(workers),
-        "--quiet",
-    ]
+    command = convert_command(source, out, workers, SHARD_SAMPLES)
     with stderr.open("ab") as log:
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
 

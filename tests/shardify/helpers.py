@@ -1,8 +1,9 @@
-"""Reading a shardify output back, independently of the converter's code."""
+"""Reading a shardify output back, independently of the converter's code; the CLI command line."""
 
 from __future__ import annotations
 
 import json
+import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -57,3 +58,21 @@ def committed_rows(read: Callable[[str], str | bytes]) -> int:
         return json.loads(read(PROGRESS_NAME))["rows_read"]
     except (FileNotFoundError, ValueError, KeyError):
         return 0
+
+
+def convert_command(source: Path, out: Path, workers: int, per_shard: int) -> list[str]:
+    """The ``shardify parquet-to-tar`` command line (this interpreter, no progress bar)."""
+    return [
+        sys.executable,
+        "-m",
+        "shardify",
+        "parquet-to-tar",
+        str(source),
+        "-o",
+        str(out),
+        "--max-samples-per-shard",
+        str(per_shard),
+        "--workers",
+        str(workers),
+        "--quiet",
+    ]

@@ -5,14 +5,13 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from tests import factories
-from tests.shardify.helpers import committed_rows, output_files, read_manifest, read_shard
+from tests.shardify.helpers import committed_rows, convert_command, output_files, read_manifest, read_shard
 
 
 @pytest.fixture(scope="module")
@@ -33,23 +32,6 @@ def slow_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _command(source: Path, out: Path, workers: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "shardify",
-        "parquet-to-tar",
-        str(source),
-        "-o",
-        str(out),
-        "--max-samples-per-shard",
-        "150",
-        "--workers",
-        str(workers),
-        "--quiet",
-    ]
-
-
 def _assert_only_complete_shards_visible(out: Path) -> int:
     """Every visible *.tar is a whole archive (the converter never exposes a partial one)."""
     visible = sorted(out.glob("*.tar")) if out.exists() else []
@@ -63,7 +45,7 @@ def _assert_only_complete_shards_visible(out: Path) -> int:
 
 def test_killed_conversion_resumes_to_identical_output(slow_input: Path, tmp_path: Path) -> None:
     reference = tmp_path / "reference"
-    subprocess.run(_command(slow_input, reference, 2), check=True, timeout=300)
+    subprocess.run(convert_command(slow_input, reference, 2, 150), check=True, timeout=300)
     rng = random.Random(1234)
     out = tmp_path / "killed"
     kills = 0
@@ -71,7 +53,7 @@ def test_killed_conversion_resumes_to_identical_output(slow_input: Path, tmp_pat
     resumed = 0
     for attempt in range(4):
         process = subprocess.Popen(
-            _command(slow_input, out, 1 + attempt % 2), stderr=subprocess.PIPE, text=True
+            convert_command(slow_input, out, 1 + attempt % 2, 150), stderr=subprocess.PIPE, text=True
         )
         # Kill once the journal has moved past this attempt's mark, plus a random few ms, so the
         # kill lands at an arbitrary point of writing, publishing or journaling.
@@ -91,7 +73,9 @@ def test_killed_conversion_resumes_to_identical_output(slow_input: Path, tmp_pat
     assert kills >= 3, "the conversion finished before it could be killed; make the input slower"
     assert progress[-1] > 0, "no shard was ever committed before a kill"
     assert resumed >= 1 and progress == sorted(progress), progress
-    final = subprocess.run(_command(slow_input, out, 2), capture_output=True, text=True, timeout=300)
+    final = subprocess.run(
+        convert_command(slow_input, out, 2, 150), capture_output=True, text=True, timeout=300
+    )
     assert final.returncode == 0, final.stderr
     assert output_files(out) == output_files(reference)
     manifest = read_manifest(out)
