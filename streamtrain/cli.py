@@ -57,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from streamtrain.config import ConfigError, load_config
-    from streamtrain.data.loader import LoaderStateError
-    from streamtrain.data.plan import PlanError
-    from streamtrain.data.shards import DataSourceError
+    from streamtrain.errors import UserError
     from streamtrain.tasks import TASKS, model_types
     from streamtrain.train.checkpoint import CheckpointWriteError
     from streamtrain.train.trainer import Trainer, TrainingError
@@ -78,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"streamtrain: {exc}", file=sys.stderr)
         return 2
-    except (DataSourceError, LoaderStateError, PlanError, TrainingError, ValueError) as exc:
+    except (UserError, TrainingError, ValueError) as exc:
         print(f"streamtrain: error: {exc}", file=sys.stderr)
         return 2
     except CheckpointWriteError as exc:  # e.g. the disk filled up: a failure during training

@@ -20,9 +20,10 @@ from typing import Any, Literal
 import yaml
 
 from streamtrain.data.transforms import AudioConfig
+from streamtrain.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A recipe or override that cannot be used; ``problems`` lists each one."""
 
     def __init__(self, problems: list[str], source: str = "config") -> None:

@@ -11,7 +11,7 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from streamtrain.train import distributed
+from streamtrain import distributed
 
 
 def gather_with_grad(x: Tensor) -> Tensor:

@@ -3,7 +3,7 @@
 Unlike training, evaluation must neither drop nor repeat samples to equalise ranks, so the
 split is by contiguous sample ranges of the shards in manifest order: rank r of W takes
 ``[N*r/W, N*(r+1)/W)`` and divides it the same way among its workers. Ranks may therefore hold
-batch counts that differ by one; callers gather variable-sized results (see train/distributed).
+batch counts that differ by one; callers gather variable-sized results (see streamtrain.distributed).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from streamtrain.data.sample_log import SampleLog
 from streamtrain.data.stream import ShardStream
+from streamtrain.errors import UserError
 
 STATE_VERSION = 1
 
@@ -27,7 +28,7 @@ def _stop_running_loaders() -> None:
         loader.close()
 
 
-class LoaderStateError(ValueError):
+class LoaderStateError(UserError):
     """A saved loader state that cannot be resumed exactly with this configuration."""
 
 
@@ -110,6 +111,18 @@ class StreamLoader:
             shutdown()  # infinite workers never finish on their own: stop them explicitly
         self._iterator = None
         _RUNNING.discard(self)
+
+    def start_fresh(self) -> None:
+        """Begin at batch 0 of a new run: sample-log lines of an earlier attempt that never
+        checkpointed are retrained, so they are dropped."""
+        if self.sample_log is not None:
+            self.sample_log.rewind(0)
+
+    def shutdown(self) -> None:
+        """Stop the workers and close the sample log; the loader is done."""
+        self.close()
+        if self.sample_log is not None:
+            self.sample_log.close()
 
     def _identity(self) -> dict[str, Any]:
         topology = self.stream.topology

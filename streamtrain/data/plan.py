@@ -18,6 +18,8 @@ import hashlib
 import random
 from dataclasses import dataclass
 
+from streamtrain.errors import UserError
+
 
 @dataclass(frozen=True)
 class ShardInfo:
@@ -54,7 +56,7 @@ class Topology:
         return max(1, self.num_workers)
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
     """The data cannot be split as asked (e.g. fewer samples than one batch per rank)."""
 
 

@@ -18,9 +18,10 @@ import braceexpand
 
 from shardify.format import MANIFEST_NAME, Manifest, filesystem, join
 from streamtrain.data.plan import ShardInfo
+from streamtrain.errors import UserError
 
 
-class DataSourceError(ValueError):
+class DataSourceError(UserError):
     """A data source that cannot be used; the message names it and says why."""
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -19,13 +18,15 @@ from torch import nn
 from streamtrain.config import RunConfig
 from streamtrain.data.collate import collate_alignment
 from streamtrain.data.decoders import CaptionDecoder
+from streamtrain.distributed import gather_objects, gather_variable
+from streamtrain.errors import UserError
 from streamtrain.losses import LogitScale, matryoshka_info_nce, pick_mrl_dim
 from streamtrain.metrics import retrieval_metrics
 from streamtrain.models.alignment import AlignmentModel
 from streamtrain.models.audio import AudioEncoderConfig, build_audio_encoder
 from streamtrain.models.text import TextConfig, build_text_encoder
 from streamtrain.models.vision import VisionConfig, build_vision_encoder
-from streamtrain.train.distributed import gather_objects, gather_variable
+from streamtrain.train.task import Task
 
 KS = (1, 5, 10)
 
@@ -78,21 +79,23 @@ class AlignmentModelConfig:
         return []
 
 
-class AlignmentTask:
+class AlignmentTask(Task):
     """Contrastive + Matryoshka alignment of media encoders to a text encoder."""
 
     ModelConfig = AlignmentModelConfig
-    default_best_mode = "max"
 
     def __init__(self, config: RunConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self.model_config: AlignmentModelConfig = config.model
         if self.model_config.audio is not None and config.data.audio is None:
-            raise ValueError("model.audio is set but data.audio is not: set data.audio to decode audio")
+            raise UserError("model.audio is set but data.audio is not: set data.audio to decode audio")
         self.media = "image" if self.model_config.vision is not None else "audio"
         self.dims = self.model_config.loss.mrl_dims
-        self.default_best_metric = f"{self.media}_to_text/R@1/dim{self.dims[-1]}"
         self._text_tokenizer: Any = None
+
+    def best_metric(self) -> tuple[str, Literal["max", "min"]]:
+        """Media-to-text Recall@1 at the full embedding width."""
+        return f"{self.media}_to_text/R@1/dim{self.dims[-1]}", "max"
 
     def build_model(self) -> nn.Module:
         model_config, loss = self.model_config, self.model_config.loss
@@ -161,7 +164,7 @@ class AlignmentTask:
         width = self.dims[-1]
         all_texts = gather_objects(texts)
         if not all_texts:
-            raise ValueError("the held-out set gave no samples to evaluate")
+            raise UserError("the held-out set gave no samples to evaluate")
         text_emb = gather_variable(_cat(text_rows, width, device))
         metrics: dict[str, float] = {"eval/samples": float(len(all_texts))}
         for media, rows in media_rows.items():
@@ -175,9 +178,6 @@ class AlignmentTask:
 
     def _decode_texts(self, batch: dict[str, Any]) -> list[str]:
         return self._text_tokenizer.batch_decode(batch["text_input_ids"], skip_special_tokens=True)
-
-    def save_artifacts(self, model: nn.Module, directory: Path) -> None:
-        """Nothing beyond the weights: the config saved beside them rebuilds the model."""
 
     def summary(self, metrics: dict[str, float]) -> str:
         dim = self.dims[-1]

@@ -18,23 +18,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from accelerate import PartialState
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from streamtrain.config import RunConfig
 from streamtrain.data.collate import IGNORE_INDEX, collate_vlm
 from streamtrain.data.decoders import QADecoder
 from streamtrain.data.transforms import chat_prompt_ids
+from streamtrain.distributed import all_reduce_sum, gather_objects
+from streamtrain.errors import UserError
 from streamtrain.models.decoder import LoraSettings, load_decoder, resolve_dtype
 from streamtrain.models.qwen import load_tokenizer
 from streamtrain.models.vision import VisionConfig, VisionEncoder, build_vision_encoder
 from streamtrain.models.vlm import VisionLanguageModel
 from streamtrain.qa_metrics import answer_metrics
 from streamtrain.train import checkpoint
-from streamtrain.train.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from streamtrain.train.distributed import all_reduce_sum, gather_objects
+from streamtrain.train.task import Task
 
 logger = logging.getLogger(__name__)
 ALIGNMENT_HINT = "train the encoder first: ./launch.sh alignment (it writes runs/alignment/best)"
@@ -103,22 +103,17 @@ class VLMModelConfig:
 
 def find_alignment_checkpoint(path: str) -> Path:
     """The checkpoint folder ``path`` names: itself, or a run's best/, else its newest complete step."""
-    root = Path(path)
-    for candidate in (root, root / checkpoint.BEST, checkpoint.latest_complete(root)):
-        if (
-            candidate is not None
-            and (candidate / CONFIG_FILE).is_file()
-            and (candidate / WEIGHTS_FILE).is_file()
-        ):
-            return candidate
-    raise ValueError(
-        f"model.encoder_checkpoint: {path} holds no alignment checkpoint "
-        f"({CONFIG_FILE} + {WEIGHTS_FILE}); {ALIGNMENT_HINT}"
-    )
+    found = checkpoint.find_saved_model(path)
+    if found is None:
+        raise UserError(
+            f"model.encoder_checkpoint: {path} holds no alignment checkpoint "
+            f"({checkpoint.describe_saved_model()}); {ALIGNMENT_HINT}"
+        )
+    return found
 
 
 def check_model_source(key: str, source: str, markers: tuple[str, ...]) -> None:
-    """ValueError naming ``key`` when ``source`` is a local path that is missing or holds none of ``markers``.
+    """UserError naming ``key`` when ``source`` is a local path that is missing or holds none of ``markers``.
 
     A source that is not a path on disk is taken as a hub name (loaded from the local Hugging Face
     cache: nothing is downloaded at run time)."""
@@ -127,28 +122,24 @@ def check_model_source(key: str, source: str, markers: tuple[str, ...]) -> None:
     if not looks_local:
         return
     if not path.is_dir():
-        raise ValueError(
+        raise UserError(
             f"{key}: {source} does not exist (give a model directory, or a hub name such as "
             "Qwen/Qwen2.5-0.5B-Instruct that is in the local Hugging Face cache)"
         )
     if not any((path / marker).is_file() for marker in markers):
-        raise ValueError(
+        raise UserError(
             f"{key}: {source} holds no {' or '.join(markers)}; is it a Hugging Face model directory?"
         )
 
 
 def aligned_config(directory: Path) -> dict[str, Any]:
-    """The saved config of the alignment checkpoint in ``directory``; ValueError if it is none."""
+    """The saved config of the alignment checkpoint in ``directory``; UserError if it is none."""
     try:
-        saved = yaml.safe_load((directory / CONFIG_FILE).read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"model.encoder_checkpoint: {directory / CONFIG_FILE} is not valid YAML") from error
-    if (
-        not isinstance(saved, dict)
-        or saved.get("task") != "alignment"
-        or not (saved.get("model") or {}).get("vision")
-    ):
-        raise ValueError(
+        saved = checkpoint.read_saved_config(directory)
+    except ValueError as error:
+        raise UserError(f"model.encoder_checkpoint: {error}") from None
+    if saved.get("task") != "alignment" or not (saved.get("model") or {}).get("vision"):
+        raise UserError(
             f"model.encoder_checkpoint: {directory} is not an alignment checkpoint with a vision encoder"
         )
     return saved
@@ -163,7 +154,7 @@ def load_aligned_vision(directory: Path) -> tuple[VisionEncoder, dict[str, Any]]
     if config.kind == "torchvision":  # the checkpoint's weights replace any initial ones: fetch none
         config = dataclasses.replace(config, pretrained=False, path=None)
     encoder = build_vision_encoder(config)
-    weights = load_file(directory / WEIGHTS_FILE)
+    weights = checkpoint.load_saved_weights(directory)
     state = {
         key.removeprefix("vision."): value for key, value in weights.items() if key.startswith("vision.")
     }
@@ -171,15 +162,13 @@ def load_aligned_vision(directory: Path) -> tuple[VisionEncoder, dict[str, Any]]
     return encoder, saved.get("data") or {}
 
 
-class VLMTask:
+class VLMTask(Task):
     """Visual question answering on a frozen aligned encoder with a (Q)LoRA or fully trained decoder."""
 
     ModelConfig = VLMModelConfig
-    default_best_metric = "eval/exact_match"
-    default_best_mode = "max"
 
     def __init__(self, config: RunConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self.model_config: VLMModelConfig = config.model
         self.encoder_dir = find_alignment_checkpoint(self.model_config.encoder_checkpoint)
         aligned_config(self.encoder_dir)  # fail on a wrong checkpoint before loading anything
@@ -190,9 +179,9 @@ class VLMTask:
         try:
             self.tokenizer = load_tokenizer(source)
         except (OSError, ValueError) as error:
-            raise ValueError(f"{key}: cannot load a tokenizer from {source!r}: {error}") from None
+            raise UserError(f"{key}: cannot load a tokenizer from {source!r}: {error}") from None
         if self.tokenizer.eos_token_id is None:
-            raise ValueError(f"model.tokenizer: the tokenizer at {source!r} has no end-of-sequence token")
+            raise UserError(f"model.tokenizer: the tokenizer at {source!r} has no end-of-sequence token")
         self.prompt_ids = chat_prompt_ids(self.tokenizer)
         self._examples: list[tuple[str, str]] = []
 
@@ -236,10 +225,14 @@ class VLMTask:
             projector_hidden_dim=width if model_config.projector == "mlp2x_gelu" else None,
         )
 
-    def place_model(self, model: nn.Module, device: torch.device) -> None:
+    def best_metric(self) -> tuple[str, Literal["max", "min"]]:
+        return "eval/exact_match", "max"
+
+    def place_model(self, model: nn.Module, device: torch.device) -> bool:
         """Move the model to ``device``, all but a quantized decoder (bitsandbytes placed it on load)."""
         assert isinstance(model, VisionLanguageModel)
         model.place(device)
+        return True
 
     def decoder(self, train: bool) -> QADecoder:
         data = self.config.data
@@ -281,7 +274,7 @@ class VLMTask:
         totals = all_reduce_sum({"loss_sum": loss_sum, "tokens": float(tokens)})
         predictions, references = gather_objects(predictions), gather_objects(references)
         if not predictions:
-            raise ValueError("the held-out set gave no samples to evaluate")
+            raise UserError("the held-out set gave no samples to evaluate")
         mean_loss = totals["loss_sum"] / max(1.0, totals["tokens"])
         self._examples = list(zip(questions[:2], predictions[:2], strict=False))
         scores = answer_metrics(predictions, references)

@@ -15,6 +15,9 @@ import re
 import shutil
 import time
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 MARKER = "COMPLETE"
 BEST = "best"
@@ -207,3 +210,45 @@ def replace_dir(staging: Path, target: Path) -> None:
     os.replace(staging, target)
     _fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+# -- reading a saved model (a step folder or best/) ---------------------------------------------
+
+
+def describe_saved_model() -> str:
+    """What a folder needs to hold to be read as a saved model, for messages."""
+    return f"{CONFIG_FILE} + {WEIGHTS_FILE}"
+
+
+def find_saved_model(path: str | os.PathLike[str]) -> Path | None:
+    """The folder of saved weights ``path`` names: itself, a run's best/, else its newest complete step."""
+    root = Path(path)
+    for candidate in (root, root / BEST, latest_complete(root)):
+        if (
+            candidate is not None
+            and (candidate / CONFIG_FILE).is_file()
+            and (candidate / WEIGHTS_FILE).is_file()
+        ):
+            return candidate
+    return None
+
+
+def read_saved_config(directory: Path) -> dict[str, Any]:
+    """The resolved config saved in ``directory`` as a plain mapping; ValueError if unreadable."""
+    path = directory / CONFIG_FILE
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    except yaml.YAMLError:
+        raise ValueError(f"{path} is not valid YAML") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} does not hold a run config")
+    return saved
+
+
+def load_saved_weights(directory: Path) -> dict[str, Any]:
+    """The model weights saved in ``directory`` (name -> tensor, on CPU)."""
+    from safetensors.torch import load_file
+
+    return load_file(directory / WEIGHTS_FILE)

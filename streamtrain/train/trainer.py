@@ -36,16 +36,12 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from streamtrain.config import RunConfig
-from streamtrain.data.eval import EvalStream, eval_batches
 from streamtrain.data.loader import StreamLoader
-from streamtrain.data.plan import Topology
-from streamtrain.data.sample_log import SampleLog
-from streamtrain.data.shards import resolve
-from streamtrain.data.stream import ShardStream, StreamConfig
-from streamtrain.tasks.base import Task
+from streamtrain.data.pipeline import held_out_batches, resolve_sources, train_loader
+from streamtrain.distributed import all_reduce_sum
 from streamtrain.train import checkpoint
-from streamtrain.train.distributed import all_reduce_sum
 from streamtrain.train.optim import build_optimizer, build_scheduler
+from streamtrain.train.task import Task
 from streamtrain.train.tracking import JsonlTracker, accelerate_trackers
 
 TRAINER_STATE = "trainer_state.json"
@@ -70,9 +66,10 @@ class Trainer:
         self.samples_seen = 0
         self.best: dict[str, Any] = {}
         self.last_eval: dict[str, float] = {}
-        self.best_metric = config.checkpoint.best_metric or task.default_best_metric
-        self.best_mode = (
-            config.checkpoint.best_mode if config.checkpoint.best_metric else task.default_best_mode
+        self.best_metric, self.best_mode = (
+            (config.checkpoint.best_metric, config.checkpoint.best_mode)
+            if config.checkpoint.best_metric
+            else task.best_metric()
         )
         self.jsonl: JsonlTracker | None = None
         self._stand_in: dict[str, Any] | None = None
@@ -89,28 +86,23 @@ class Trainer:
     def _setup(self) -> None:
         acc, config = self.accelerator, self.config
         # Data sources first: a typo in a path should fail in a second, not after model loading.
-        self.train_data = resolve(config.data.train)
-        self.eval_data = resolve(config.data.eval) if config.data.eval else None
+        self.train_data = resolve_sources(config.data.train)
+        self.eval_data = resolve_sources(config.data.eval) if config.data.eval else None
         resume_from = self._resume_checkpoint()
         set_seed(config.train.seed)
         model = self.task.build_model()
         # Optional task hook: a model with self-placing parts (bitsandbytes-quantized weights go to
         # their device as they load) is moved by its task; Accelerate's blanket .to() would move them too.
-        place_model = getattr(self.task, "place_model", None)
-        if place_model is not None:
-            place_model(model, acc.device)
+        placed = self.task.place_model(model, acc.device)
         optimizer = build_optimizer(model, config.train)
         scheduler = build_scheduler(optimizer, config.train)
-        placement = (
-            {"device_placement": [False, None, None]} if place_model and not config.train.deepspeed else {}
-        )
+        placement = {"device_placement": [False, None, None]} if placed and not config.train.deepspeed else {}
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler, **placement)
         self.train_loader = self._train_loader()
         if resume_from is not None:
             self._load(resume_from)
-        elif self.train_loader.sample_log is not None:
-            # A run killed before its first checkpoint left lines that this fresh start retrains.
-            self.train_loader.sample_log.rewind(0)
+        else:
+            self.train_loader.start_fresh()
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / CONFIG_FILE).write_text(config.to_yaml())
@@ -162,30 +154,17 @@ class Trainer:
 
     def _train_loader(self) -> StreamLoader:
         acc, config = self.accelerator, self.config
-        topology = Topology(
-            world_size=acc.num_processes,
-            rank=acc.process_index,
-            num_workers=config.data.num_workers,
-            batch_size=config.train.batch_size,
-        )
-        stream = ShardStream(
+        return train_loader(
+            config.data,
             self.train_data,
-            topology,
-            self.task.decoder(train=True),
-            self.task.collate,
-            StreamConfig(
-                seed=config.train.seed,
-                shuffle_buffer=config.data.shuffle_buffer,
-                max_member_bytes=_member_bytes(config),
-            ),
-        )
-        sample_log = SampleLog(config.data.sample_log, acc.process_index) if config.data.sample_log else None
-        return StreamLoader(
-            stream,
-            prefetch_factor=config.data.prefetch_factor,
-            pin_memory=acc.device.type == "cuda",
-            sample_log=sample_log,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            batch_size=config.train.batch_size,
+            seed=config.train.seed,
+            decode=self.task.decoder(train=True),
+            collate=self.task.collate,
             batches_per_step=config.train.grad_accum_steps,
+            pin_memory=acc.device.type == "cuda",
         )
 
     # -- the loop ------------------------------------------------------------------------------
@@ -328,20 +307,19 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         assert self.eval_data is not None
         config, acc = self.config, self.accelerator
-        stream = EvalStream(
-            self.eval_data,
-            acc.process_index,
-            acc.num_processes,
-            config.eval.batch_size,
-            self.task.decoder(train=False),
-            self.task.collate,
-            max_samples=config.eval.max_samples,
-            max_member_bytes=_member_bytes(config),
-        )
         read_stats: Counter[str] = Counter()
+        held_out = held_out_batches(
+            config.data,
+            config.eval,
+            self.eval_data,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            decode=self.task.decoder(train=False),
+            collate=self.task.collate,
+        )
 
         def batches():
-            for batch, stats in eval_batches(stream, config.data.num_workers):
+            for batch, stats in held_out:
                 read_stats.update(stats)
                 if batch is not None:
                     yield _to_device(batch, acc.device, self._input_dtype)
@@ -478,9 +456,7 @@ class Trainer:
 
     def _finish(self) -> None:
         acc = self.accelerator
-        self.train_loader.close()
-        if self.train_loader.sample_log is not None:
-            self.train_loader.sample_log.close()
+        self.train_loader.shutdown()
         if acc.is_main_process:
             if self.last_eval:
                 (self.output_dir / "final_metrics.json").write_text(
@@ -507,10 +483,6 @@ class _Window:
         self.data_wait = 0.0
         self.elapsed = 0.0
         self.grad_norm: float | None = None
-
-
-def _member_bytes(config: RunConfig) -> int:
-    return int(config.data.max_member_mb * 2**20)
 
 
 def _build_accelerator(config: RunConfig, output_dir: Path) -> Accelerator:

@@ -11,8 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from streamtrain import distributed
 from streamtrain.losses import LogitScale, gather_with_grad, matryoshka_info_nce
-from streamtrain.train import distributed
 
 GLOBAL_BATCH = 8
 MRL_DIMS = (3, 6)

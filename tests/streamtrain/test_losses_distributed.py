@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from streamtrain.train import distributed
+from streamtrain import distributed
 from tests.streamtrain.losses_worker import GLOBAL_BATCH, build, loss_and_grads
 
 ROOT = Path(__file__).resolve().parents[2]
