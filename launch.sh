@@ -55,6 +55,14 @@ prepare_samples() {
   done
 }
 
+# What third-party libraries would otherwise announce on every start: DeepSpeed that it found no
+# GPU, torchrun that it set OMP_NUM_THREADS (one thread per process here, unless the user chose).
+quiet_env() {
+  if (( $(gpu_count) == 0 )); then
+    export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+  fi
+}
+
 gpu_count() {
   if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
@@ -77,6 +85,9 @@ run_train() {
   master_addr=${master_addr:-127.0.0.1}
   master_port=${MASTER_PORT:-29500}
   total=$(( nnodes * nproc ))
+  if (( total > 1 && gpus == 0 )) && [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+    export OMP_NUM_THREADS=1  # what torchrun would set, announcing it in a banner
+  fi
   if (( total == 1 )); then
     exec "$VENV/bin/streamtrain" train "$@"
   elif (( gpus > 0 )); then
@@ -95,6 +106,7 @@ run_train() {
 
 cmd=${1:-help}
 [[ $# -gt 0 ]] && shift
+quiet_env
 case "$cmd" in
   setup)
     setup_env

@@ -7,8 +7,6 @@ streamtrain config CONFIG [key=value ...]    print the resolved, validated confi
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
 EPILOG = """\
@@ -50,23 +48,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local paths or packages
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked loader workers tokenize
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from streamtrain import console
 
-    from transformers.utils import logging as hf_logging
+    console.quiet_third_party()
 
     from streamtrain.config import ConfigError, load_config
-    from streamtrain.errors import UserError
+    from streamtrain.errors import TrainingError, UserError
     from streamtrain.tasks import TASKS, model_types
-    from streamtrain.train.checkpoint import CheckpointWriteError
-    from streamtrain.train.trainer import Trainer, TrainingError
+    from streamtrain.train.trainer import Trainer
 
-    hf_logging.disable_progress_bar()  # "Loading weights" bars would interleave with training's
-    import torch
-
-    if not torch.cuda.is_available():  # else DeepSpeed warns at each checkpoint that it fell back to CPU
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         config = load_config(args.config, args.overrides, model_types())
         if args.command == "config":
@@ -76,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"streamtrain: {exc}", file=sys.stderr)
         return 2
-    except (UserError, TrainingError, ValueError) as exc:
+    except UserError as exc:  # config, paths, input data, the checkpoint to resume
         print(f"streamtrain: error: {exc}", file=sys.stderr)
         return 2
-    except CheckpointWriteError as exc:  # e.g. the disk filled up: a failure during training
+    except TrainingError as exc:  # e.g. the disk filled up during a checkpoint write
         print(f"streamtrain: error: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:  # a path that cannot be written or read, a full disk outside checkpoints

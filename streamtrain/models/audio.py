@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoModel, PreTrainedModel
 
+from streamtrain.errors import UserError
+
 
 @dataclass
 class AudioEncoderConfig:
@@ -83,7 +85,7 @@ class SmallConvAudioEncoder(AudioEncoder):
     def __init__(self, n_mels: int = 128, width: int = 128) -> None:
         super().__init__()
         if width < 1 or n_mels < 1:
-            raise ValueError(f"AudioEncoderConfig: width and n_mels must be positive, got {width}, {n_mels}")
+            raise UserError(f"AudioEncoderConfig: width and n_mels must be positive, got {width}, {n_mels}")
         self.blocks = nn.ModuleList(
             [
                 _ConvBlock(n_mels, width, 1),
@@ -136,12 +138,12 @@ def load_whisper_encoder(path: str) -> nn.Module:
     try:
         model: PreTrainedModel = AutoModel.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise ValueError(
+        raise UserError(
             f"AudioEncoderConfig.path: cannot load a Hugging Face model from {path!r}: {error}"
         ) from error
     config = model.config
     if not (hasattr(config, "max_source_positions") and hasattr(config, "num_mel_bins")):
-        raise ValueError(
+        raise UserError(
             f"AudioEncoderConfig.path: {type(model).__name__} at {path!r} is not a Whisper-style "
             "model (its config lacks max_source_positions / num_mel_bins)"
         )
@@ -154,14 +156,12 @@ def build_audio_encoder(config: AudioEncoderConfig) -> AudioEncoder:
         return SmallConvAudioEncoder(config.n_mels, config.width)
     if config.kind == "huggingface":
         if config.path is None:
-            raise ValueError("AudioEncoderConfig.path: required for kind 'huggingface'")
+            raise UserError("AudioEncoderConfig.path: required for kind 'huggingface'")
         encoder = WhisperAudioEncoder(load_whisper_encoder(config.path))
         if encoder.n_mels != config.n_mels:
-            raise ValueError(
+            raise UserError(
                 f"AudioEncoderConfig.n_mels is {config.n_mels} but the model at {config.path!r} "
                 f"takes {encoder.n_mels} mel bins"
             )
         return encoder
-    raise ValueError(
-        f"AudioEncoderConfig.kind: unknown {config.kind!r}; allowed: 'small_conv', 'huggingface'"
-    )
+    raise UserError(f"AudioEncoderConfig.kind: unknown {config.kind!r}; allowed: 'small_conv', 'huggingface'")

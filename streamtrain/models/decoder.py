@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
+from streamtrain.errors import UserError
+
 if TYPE_CHECKING:  # peft pulls in bitsandbytes and torch's compiler (seconds): imported on use
     from peft import PeftModel
 
@@ -69,7 +71,7 @@ def load_decoder(
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:
-        raise ValueError(f"model.decoder: cannot load a causal LM from {path!r}: {error}") from error
+        raise UserError(f"model.decoder: cannot load a causal LM from {path!r}: {error}") from error
     model.config.use_cache = False  # training never reuses a cache; generation passes its own
     if mode == "full":
         if gradient_checkpointing:

@@ -25,6 +25,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 from transformers.convert_slow_tokenizer import TikTokenConverter
+from transformers.utils import logging as hf_logging
 
 # Qwen2's pre-tokenizer split: like cl100k's but digits one at a time.
 QWEN2_PATTERN = (
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar for a model of a few MB
     config = tiny_qwen2_config(hidden_size=args.hidden_size, layers=args.layers)
     print(f"wrote {write_tiny_qwen2(args.output, config, args.seed)}")
     return 0

