@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from streamtrain.tasks import TASKS, model_types
     from streamtrain.train.trainer import Trainer
 
+    console.adopt_library_loggers()
     try:
         config = load_config(args.config, args.overrides, model_types())
         if args.command == "config":

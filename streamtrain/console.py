@@ -9,11 +9,14 @@ directory is known are held in memory and written there once it is.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import logging.handlers
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 RUN_LOG = "run.log"
@@ -71,10 +74,10 @@ def quiet_third_party() -> None:
 
 def log_to(output_dir: str | os.PathLike[str], rank: int = 0) -> None:
     """Write held and later third-party records to ``output_dir/run.log`` (every rank appends)."""
-    held = next((h for h in logging.getLogger().handlers if isinstance(h, _Held)), None)
+    held = _held()
     if held is None:
         return
-    _route_deepspeed_logger()
+    adopt_library_loggers()
     # delay: the file is created by the first record only, so a run that logs nothing adds nothing.
     target = _RunLog(Path(output_dir) / RUN_LOG, encoding="utf-8", delay=True)
     target.setFormatter(logging.Formatter(f"%(asctime)s rank {rank} {_FORMAT}"))
@@ -85,12 +88,40 @@ def log_to(output_dir: str | os.PathLike[str], rank: int = 0) -> None:
     held.flush()
 
 
-def _route_deepspeed_logger() -> None:
-    """DeepSpeed gives its logger a stdout handler of its own when it is imported (transformers and
-    sentence-transformers import it): drop that handler so its records reach run.log instead."""
-    if "deepspeed" not in sys.modules:
+def adopt_library_loggers() -> None:
+    """Route loggers that libraries gave handlers of their own on import (call after importing them).
+
+    DeepSpeed gives its logger a stdout handler when it is imported (transformers and
+    sentence-transformers import it): that handler is dropped so its records reach run.log."""
+    held = _held()
+    if held is None:
         return
-    logger = logging.getLogger("DeepSpeed")
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
-    logger.propagate = True
+    if "deepspeed" in sys.modules:
+        logger = logging.getLogger("DeepSpeed")
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+    # torch's own handler on "torch" prints "No CUDA runtime is found" whenever DeepSpeed loads its
+    # CPU op; only that child is taken over, torch's other logging (TORCH_LOGS) stays as it is.
+    extensions = logging.getLogger("torch.utils.cpp_extension")
+    if held not in extensions.handlers:
+        extensions.propagate = False
+        extensions.addHandler(held)
+
+
+def _held() -> _Held | None:
+    return next((h for h in logging.getLogger().handlers if isinstance(h, _Held)), None)
+
+
+@contextlib.contextmanager
+def stdout_to_log(name: str) -> Iterator[None]:
+    """Lines a library prints (rather than logs) inside the block become INFO records of ``name``."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        logger = logging.getLogger(name)
+        for line in buffer.getvalue().splitlines():
+            if line.strip():
+                logger.info("%s", line)

@@ -22,6 +22,7 @@ from accelerate.utils import load as load_checkpoint_file
 from safetensors.torch import save_file
 from torch import nn
 
+from streamtrain import console
 from streamtrain.config import RunConfig
 from streamtrain.errors import UserError
 from streamtrain.train.checkpoint import WEIGHTS_FILE
@@ -33,7 +34,9 @@ class Backend:
 
     def __init__(self, config: RunConfig, output_dir: Path) -> None:
         self.deepspeed = bool(config.train.deepspeed)
-        self.accelerator = build_accelerator(config, output_dir)
+        quiet = console.stdout_to_log("deepspeed") if self.deepspeed else contextlib.nullcontext()
+        with quiet:  # DeepSpeed prints "... built successfully" each time it starts its comm op
+            self.accelerator = build_accelerator(config, output_dir)
         self.model: Any = None
         # DeepSpeed's own bf16/fp16 (when a config enables it explicitly) keeps the weights in half
         # precision and disables autocast in its engine, so floating inputs must arrive in it.

@@ -68,8 +68,8 @@ def test_bf16_on_cuda(setup: dict[str, Path], tmp_path: Path) -> None:
     config = load_config(RECIPE, overrides(setup, tmp_path / "run"), model_types())
     trainer = Trainer(config, TASKS["alignment"](config))
     metrics = trainer.fit()
-    assert trainer.accelerator.mixed_precision == "bf16"
-    assert trainer.accelerator.device.type == "cuda"
+    assert trainer.backend.accelerator.mixed_precision == "bf16"
+    assert trainer.backend.accelerator.device.type == "cuda"
     losses = [m["train/loss"] for m in read_metrics(tmp_path / "run") if "train/loss" in m]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5  # it learns in bf16 too

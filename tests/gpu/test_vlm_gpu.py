@@ -70,10 +70,10 @@ def test_qlora_bf16_trains_on_cuda(setup: dict[str, Path], tmp_path: Path) -> No
     config = load_config(RECIPE, overrides(setup, out, **{"model.mode": "qlora"}), model_types())
     trainer = Trainer(config, TASKS["vlm_qa"](config))
     metrics = trainer.fit()
-    assert trainer.accelerator.mixed_precision == "bf16"
-    assert trainer.accelerator.device.type == "cuda"
+    assert trainer.backend.accelerator.mixed_precision == "bf16"
+    assert trainer.backend.accelerator.device.type == "cuda"
 
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = trainer.backend.accelerator.unwrap_model(trainer.model)
     quantized = [m for m in model.decoder.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and all(m.weight.device.type == "cuda" for m in quantized)
     assert all(m.compute_dtype == torch.bfloat16 for m in quantized)

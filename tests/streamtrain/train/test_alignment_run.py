@@ -98,6 +98,11 @@ def test_two_process_deepspeed_zero2_saves_and_resumes(
         timeout=400,
     )
     assert first.returncode == 0, first.stderr[-4000:]
+    # Third-party notices (DeepSpeed's, transformers' deprecations) go to run.log, not the console.
+    console = first.stdout + first.stderr
+    for notice in ("Setting accelerator", "FutureWarning", "DeprecationWarning", "[WARNING]", "[INFO]"):
+        assert notice not in console, console[-4000:]
+    assert "DeepSpeed" in (out / "run.log").read_text() or "deepspeed" in (out / "run.log").read_text()
     step3 = out / "step-00000003"
     assert checkpoint.is_complete(step3)
     assert (step3 / "data" / "rank-00000.json").exists() and (step3 / "data" / "rank-00001.json").exists()

@@ -129,7 +129,7 @@ def test_alignment_run_feeds_an_in_process_qlora_run(
 
     # The encoder is the alignment run's, bit for bit, after training.
     aligned_weights = load_file(aligned / "best" / "model.safetensors")
-    encoder = trainer.accelerator.unwrap_model(trainer.model).vision.state_dict()
+    encoder = trainer.backend.accelerator.unwrap_model(trainer.model).vision.state_dict()
     assert encoder and all(
         torch.equal(tensor, aligned_weights[f"vision.{key}"]) for key, tensor in encoder.items()
     )
