@@ -13,8 +13,8 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 
-from shardify.format import filesystem, is_remote, join
 from shardify.sources import InputError
+from shardify.storage import filesystem, is_remote, join
 
 WORK_DIR = ".shardify"
 

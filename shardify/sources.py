@@ -6,11 +6,11 @@ import glob
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shardify.format import SCHEMAS, filesystem, is_remote
+from shardify.format import SCHEMAS
+from shardify.storage import filesystem, is_remote, storage_for
 
 IMAGE_COLUMN = "image_bytes"
 AUDIO_COLUMN = "audio_bytes"
@@ -20,12 +20,6 @@ TEXT_COLUMNS = {"caption": ("caption",), "qa": ("question", "answer")}
 
 class InputError(Exception):
     """A problem with what the user asked for; reported as a message, never a traceback."""
-
-
-def _protocol_url(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
-    if like.startswith("s3://"):
-        return "s3://" + path
-    return path
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
@@ -45,7 +39,7 @@ def expand_inputs(patterns: list[str]) -> list[str]:
             raise InputError(f"input {pattern} does not exist")
         if not matches:
             raise InputError(f"no input matched {pattern}")
-        found.extend(_protocol_url(fs, p, pattern) for p in matches)
+        found.extend(storage_for(pattern).url(p) for p in matches)  # listings give bare paths
     unique = list(dict.fromkeys(found))
     if not unique:
         raise InputError("no inputs given")
@@ -66,9 +60,9 @@ class ParquetInput:
     def open(self) -> pq.ParquetFile:
         # pre_buffer would read every requested row group up front: memory would grow with
         # the file. Without it, pyarrow streams one row group's pages at a time.
-        if not is_remote(self.url):
-            return pq.ParquetFile(self.url, pre_buffer=False)
         fs, path = filesystem(self.url)
+        if not is_remote(self.url):
+            return pq.ParquetFile(path, pre_buffer=False)
         return pq.ParquetFile(fs.open(path, "rb"), buffer_size=1 << 20, pre_buffer=False)
 
     def iter_batches(self, start_row: int, batch_rows: int, columns: list[str]) -> Iterator[pa.RecordBatch]:

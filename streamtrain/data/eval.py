@@ -15,8 +15,9 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from shardify.bytestream import RetryPolicy, ShardReadError
+from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES, iter_samples
 from streamtrain.data.plan import slice_sequence
-from streamtrain.data.remote import DEFAULT_MAX_MEMBER_BYTES, RetryPolicy, ShardReadError, iter_samples
 from streamtrain.data.shards import Dataset
 from streamtrain.data.stream import Collate, Decode
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import braceexpand
 
-from shardify.format import MANIFEST_NAME, Manifest, filesystem, join
+from shardify.format import MANIFEST_NAME, Manifest
+from shardify.storage import filesystem, join
 from streamtrain.data.plan import ShardInfo
 from streamtrain.errors import UserError
 

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from shardify.bytestream import RetryPolicy, ShardReadError
+from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES, iter_samples
 from streamtrain.data.plan import (
     Piece,
     Topology,
@@ -34,7 +36,6 @@ from streamtrain.data.plan import (
     worker_batches,
     worker_pieces,
 )
-from streamtrain.data.remote import DEFAULT_MAX_MEMBER_BYTES, RetryPolicy, ShardReadError, iter_samples
 from streamtrain.data.shards import Dataset
 
 log = logging.getLogger(__name__)

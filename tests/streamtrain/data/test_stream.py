@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
+from shardify.bytestream import RetryPolicy
 from shardify.convert import ConvertOptions, convert
 from streamtrain.data.loader import LoaderStateError, StreamLoader
 from streamtrain.data.plan import ShardInfo, Topology
-from streamtrain.data.remote import RetryPolicy
 from streamtrain.data.shards import Dataset, resolve
 from streamtrain.data.stream import ShardStream, StreamConfig
 from tests import factories
