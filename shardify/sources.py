@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardify.format import SCHEMAS
-from shardify.storage import filesystem, is_remote, storage_for
+from shardify.storage import as_user_error, filesystem, is_remote, storage_for
 
 IMAGE_COLUMN = "image_bytes"
 AUDIO_COLUMN = "audio_bytes"
@@ -26,17 +26,18 @@ def expand_inputs(patterns: list[str]) -> list[str]:
     """Files, directories (searched recursively for ``*.parquet``) and globs, in a stable order."""
     found: list[str] = []
     for pattern in patterns:
-        fs, path = filesystem(pattern)
-        if glob.has_magic(path):
-            matches = sorted(p for p in fs.glob(path) if fs.isfile(p))
-        elif fs.isdir(path):
-            matches = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
-            if not matches:
-                raise InputError(f"directory {pattern} holds no *.parquet files")
-        elif fs.exists(path):
-            matches = [path]
-        else:
-            raise InputError(f"input {pattern} does not exist")
+        with as_user_error(InputError, pattern):
+            fs, path = filesystem(pattern)
+            if glob.has_magic(path):
+                matches = sorted(p for p in fs.glob(path) if fs.isfile(p))
+            elif fs.isdir(path):
+                matches = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+                if not matches:
+                    raise InputError(f"directory {pattern} holds no *.parquet files")
+            elif fs.exists(path):
+                matches = [path]
+            else:
+                raise InputError(f"input {pattern} does not exist")
         if not matches:
             raise InputError(f"no input matched {pattern}")
         found.extend(storage_for(pattern).url(p) for p in matches)  # listings give bare paths
@@ -92,12 +93,13 @@ def open_inputs(urls: list[str]) -> list[ParquetInput]:
     """Read every input's footer up front, so bad files fail before any shard is written."""
     inputs = []
     for index, url in enumerate(urls):
-        fs, path = filesystem(url)
         try:
-            size = int(fs.size(path))
-            with fs.open(path, "rb") as handle:
-                metadata = pq.ParquetFile(handle).metadata
-                schema = metadata.schema.to_arrow_schema()
+            with as_user_error(InputError, url):
+                fs, path = filesystem(url)
+                size = int(fs.size(path))
+                with fs.open(path, "rb") as handle:
+                    metadata = pq.ParquetFile(handle).metadata
+                    schema = metadata.schema.to_arrow_schema()
         except PermissionError as exc:
             raise InputError(f"cannot read input {url}: {exc}") from None
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:

@@ -15,8 +15,12 @@ from __future__ import annotations
 import enum
 import os
 import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
+from urllib.parse import urlsplit
 
 import fsspec
 
@@ -37,6 +41,8 @@ except ImportError:
     _CLIENT_ERRORS = _CONNECT_ERRORS = _TRANSIENT_LIBRARY_ERRORS = ()
 
 _ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+# botocore's documented defaults: total tries of one request in its legacy and standard modes.
+_BOTOCORE_DEFAULT_TRIES = {"legacy": 5, "standard": 3}
 
 
 class Failure(enum.StrEnum):
@@ -85,6 +91,8 @@ class StorageBackend:
     time, and a missing object is tried again (a fresh object can be listed before it is readable)."""
     open_options: ClassVar[dict[str, Any]] = {}
     """Passed to the filesystem's ``open`` by ``open()``."""
+    open_options: ClassVar[dict[str, Any]] = {}
+    """Passed to the filesystem's ``open`` by ``open()``."""
 
     def __init__(self, scheme: str) -> None:
         self.scheme = scheme
@@ -122,6 +130,13 @@ class StorageBackend:
             return Failure.TRANSIENT  # timeouts, resets, and fsspec's translations of server errors
         return None
 
+    def unreachable(self, url: str, exc: BaseException, waited_s: float) -> str:
+        """One line for a store that could not be reached: where, how long, what to check."""
+        return (
+            f"cannot reach the storage of {url} (gave up after {waited_s:.1f} s: {type(exc).__name__}: "
+            f"{exc}); check the URL, the credentials and the network"
+        )
+
 
 class LocalStorage(StorageBackend):
     """Local paths and ``file://`` URLs (a subclass registered under another scheme reads the
@@ -141,6 +156,9 @@ class LocalStorage(StorageBackend):
 class S3Storage(StorageBackend):
     """S3 through s3fs, with the standard AWS environment (credentials, profile, region); an
     S3-compatible store is named with ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``."""
+
+    # No read-ahead cache: a reader asks for exactly the ranges it wants (and resumes them).
+    open_options: ClassVar[dict[str, Any]] = {"cache_type": "none"}
 
     # No read-ahead cache: a reader asks for exactly the ranges it wants (and resumes them).
     open_options: ClassVar[dict[str, Any]] = {"cache_type": "none"}
@@ -173,6 +191,31 @@ class S3Storage(StorageBackend):
             return Failure.TRANSIENT
         return super().failure(exc)
 
+    def unreachable(self, url: str, exc: BaseException, waited_s: float) -> str:
+        configured = _configured_endpoint()
+        tried = str(getattr(exc, "kwargs", {}).get("endpoint_url", ""))
+        if tried:  # the URL of the failed request: keep scheme and host
+            parts = urlsplit(tried)
+            endpoint = f"{parts.scheme}://{parts.netloc}"
+        else:
+            endpoint = configured[1] if configured else "the AWS S3 endpoint"
+        named = f" (from {configured[0]})" if configured else ""
+        tries = self._client_tries(url)
+        counted = f"{tries} {'try' if tries == 1 else 'tries'} in " if tries else ""
+        return (
+            f"cannot reach the S3 endpoint {endpoint}{named} for {url}: no connection after {counted}"
+            f"{waited_s:.1f} s ({type(exc).__name__}); check the endpoint URL, the credentials "
+            "and the network"
+        )
+
+    def _client_tries(self, url: str) -> int | None:
+        """How often botocore tried the request itself (AWS_MAX_ATTEMPTS or its mode's default)."""
+        try:
+            retries = self.filesystem(url)[0].s3.meta.config.retries or {}
+        except Exception:  # no client was made: nothing to report
+            return None
+        return retries.get("total_max_attempts") or _BOTOCORE_DEFAULT_TRIES.get(retries.get("mode", ""))
+
 
 def _configured_endpoint() -> tuple[str, str] | None:
     """(variable, value) of the S3 endpoint the environment names, if it names one."""
@@ -183,6 +226,7 @@ def _configured_endpoint() -> tuple[str, str] | None:
 
 
 _BACKENDS: dict[str, type[StorageBackend]] = {"file": LocalStorage, "s3": S3Storage}
+_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")  # RFC 3986
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")  # RFC 3986
 
 
@@ -235,3 +279,23 @@ def is_remote(url: str) -> bool:
 
 def join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
+
+
+@contextmanager
+def as_user_error(error: Callable[[str], Exception], url: str) -> Iterator[None]:
+    """Inside the block, an unknown scheme or a store that cannot be reached becomes ``error``.
+
+    For where a command starts (listing inputs, reading a manifest): a store that refuses
+    connections before anything was read is a wrong endpoint or a network problem to report in
+    one line, not a bug's traceback. The wait is the client's own tries (botocore: about 10 s).
+    """
+    started = time.monotonic()
+    try:
+        yield
+    except UnknownStorageError as exc:
+        raise error(str(exc)) from None
+    except Exception as exc:
+        backend = storage_for(url)
+        if backend.failure(exc) is not Failure.UNREACHABLE:
+            raise
+        raise error(backend.unreachable(url, exc, time.monotonic() - started)) from None

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import braceexpand
 
 from shardify.format import MANIFEST_NAME, Manifest
-from shardify.storage import filesystem, join
+from shardify.storage import as_user_error, filesystem, join
 from streamtrain.data.plan import ShardInfo
 from streamtrain.errors import UserError
 
@@ -44,10 +44,11 @@ class Dataset:
 
 
 def _read_manifest(url: str) -> Manifest:
-    fs, path = filesystem(url)
     try:
-        with fs.open(path, "r", encoding="utf-8") as handle:
-            text = handle.read()
+        with as_user_error(DataSourceError, url):
+            fs, path = filesystem(url)
+            with fs.open(path, "r", encoding="utf-8") as handle:
+                text = handle.read()
     except FileNotFoundError:
         raise DataSourceError(f"{url} does not exist") from None
     except OSError as exc:
@@ -81,8 +82,10 @@ def _resolve_one(source: str) -> tuple[list[ShardInfo], str]:
             shards.append(ShardInfo(url, counts[name]))
         schemas = {m.schema for m in manifests.values()}
         return shards, schemas.pop() if len(schemas) == 1 else "mixed"
-    fs, path = filesystem(source)
-    if not fs.exists(join(path, MANIFEST_NAME)):
+    with as_user_error(DataSourceError, source):
+        fs, path = filesystem(source)
+        found = fs.exists(join(path, MANIFEST_NAME))
+    if not found:
         raise DataSourceError(
             f"{source} holds no {MANIFEST_NAME}: point data at a shardify output, its manifest, "
             "or a brace pattern of shards that have a manifest beside them"
