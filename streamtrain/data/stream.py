@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from shardify.bytestream import RetryPolicy, ShardReadError
+from shardify.bytestream import RateLimitedLog, RetryPolicy, ShardReadError
 from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES, iter_samples
+from streamtrain.data.counts import Collate, Decode, decode_samples
 from streamtrain.data.plan import (
     Piece,
     Topology,
@@ -39,9 +39,6 @@ from streamtrain.data.plan import (
 from streamtrain.data.shards import Dataset
 
 log = logging.getLogger(__name__)
-
-Decode = Callable[[dict[str, Any], random.Random], Any]
-Collate = Callable[[list[Any]], Any]
 
 
 @dataclass(frozen=True)
@@ -56,22 +53,6 @@ class StreamConfig:
     """At most one warning per this many seconds per worker for read-time failures."""
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
     """A sample with a larger tar member is skipped unread (counted as ``oversized_samples``)."""
-
-
-class _RateLimitedLog:
-    def __init__(self, every_s: float) -> None:
-        self.every_s = every_s
-        self.last = -float("inf")
-        self.suppressed = 0
-
-    def warn(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self.last < self.every_s:
-            self.suppressed += 1
-            return
-        extra = f" ({self.suppressed} similar warnings suppressed)" if self.suppressed else ""
-        log.warning("%s%s", message, extra)
-        self.last, self.suppressed = now, 0
 
 
 class ShardStream(IterableDataset):
@@ -111,7 +92,7 @@ class ShardStream(IterableDataset):
 
     def _worker_batches(self, worker: int, done: int) -> Iterator[tuple[Any, dict[str, int]]]:
         epoch = 0
-        warnings = _RateLimitedLog(self.config.warn_every_s)
+        warnings = RateLimitedLog(log, self.config.warn_every_s)
         while True:
             _, count = worker_batches(self.batches_per_epoch, self.topology.readers, worker, epoch)
             if done >= count:
@@ -123,7 +104,7 @@ class ShardStream(IterableDataset):
             epoch += 1
 
     def _epoch_batches(
-        self, worker: int, epoch: int, count: int, first_batch: int, warnings: _RateLimitedLog
+        self, worker: int, epoch: int, count: int, first_batch: int, warnings: RateLimitedLog
     ) -> Iterator[tuple[Any, dict[str, int]]]:
         batch_size = self.topology.batch_size
         pieces = worker_pieces(list(self.dataset.shards), self.topology, self.config.seed, epoch, worker)
@@ -159,32 +140,13 @@ class ShardStream(IterableDataset):
         worker: int,
         batch_index: int,
         stats: Counter[str],
-        warnings: _RateLimitedLog,
+        warnings: RateLimitedLog,
     ) -> Any:
         """Decode a batch under RNGs seeded by its identity, so augmentations survive a resume."""
         seed = derive_seed("batch", self.config.seed, epoch, self.topology.rank, worker, batch_index)
-        rng = random.Random(seed)
-        decoded = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed % (1 << 63))
-            for raw in raw_samples:
-                if raw is None:
-                    continue  # unreadable: already counted by the reader
-                if "__error__" in raw:
-                    stats["oversized_samples"] += 1
-                    warnings.warn(f"skipping sample {raw['__key__']} of {raw['__url__']}: {raw['__error__']}")
-                    continue
-                try:
-                    sample = self.decode(raw, rng)
-                except Exception as exc:  # a bad sample must never stop training
-                    stats["decode_errors"] += 1
-                    warnings.warn(f"skipping sample {raw.get('__key__')} of {raw.get('__url__')}: {exc!r}")
-                    continue
-                if sample is None:
-                    stats["decode_errors"] += 1
-                    continue
-                decoded.append(sample)
-        stats["samples"] += len(decoded)
+            decoded = decode_samples(raw_samples, self.decode, random.Random(seed), stats, warnings)
         if not decoded:
             # Every sample unreadable (e.g. a missing shard): the batch keeps its place in the
             # order as None, which the trainer steps over without breaking distributed lockstep.
@@ -205,7 +167,7 @@ class _Run:
         dataset: Dataset,
         pieces: list[Piece],
         retry: RetryPolicy | None,
-        warnings: _RateLimitedLog,
+        warnings: RateLimitedLog,
         max_member_bytes: int,
     ) -> None:
         self.dataset = dataset
