@@ -9,6 +9,8 @@ as ``data/<key>`` (``eval/data/<key>`` for a held-out pass):
 - ``unreadable_samples``: planned samples that a failed shard made unreadable.
 - ``shard_errors``: shards (or their rest) skipped: missing, truncated, corrupt, miscounted.
 - ``empty_batches``: training batches with nothing decoded, delivered as None in their place.
+- ``read_retries``: failed storage reads that were tried again (``data.retries`` bounds them).
+- ``read_reopens``: objects reopened at the byte where a failed read stopped.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from shardify.bytestream import RateLimitedLog
+from shardify.bytestream import RateLimitedLog, ReadStats
 
 Decode = Callable[[dict[str, Any], random.Random], Any]
 """``(raw sample, rng) -> sample``; raises on bytes it cannot use."""
@@ -57,3 +59,12 @@ def decode_samples(
         decoded.append(sample)
     counts["samples"] += len(decoded)
     return decoded
+
+
+def count_reads(read: ReadStats, counts: Counter[str]) -> None:
+    """Move the retries and reopens ``read`` tallied since the last call into ``counts``."""
+    if read.retries:
+        counts["read_retries"] += read.retries
+    if read.reopens:
+        counts["read_reopens"] += read.reopens
+    read.retries = read.reopens = 0

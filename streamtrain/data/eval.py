@@ -16,9 +16,9 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shardify.bytestream import RateLimitedLog, RetryPolicy, ShardReadError
+from shardify.bytestream import RateLimitedLog, ReadStats, RetryPolicy, ShardReadError
 from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES, iter_samples
-from streamtrain.data.counts import Collate, Decode, decode_samples
+from streamtrain.data.counts import Collate, Decode, count_reads, decode_samples
 from streamtrain.data.loader import stop_workers
 from streamtrain.data.plan import slice_sequence
 from streamtrain.data.shards import Dataset
@@ -66,6 +66,7 @@ class EvalStream(IterableDataset):
         pieces = slice_sequence(shards, list(range(len(shards))), rank_lo + lo, rank_lo + hi)
         rng = random.Random(0)  # eval decoders draw nothing, but the decoder contract takes one
         warnings = RateLimitedLog(log, WARN_EVERY_S)
+        read_stats = ReadStats()
         pending: list[Any] = []
         stats: Counter[str] = Counter()
         for piece in pieces:
@@ -73,12 +74,18 @@ class EvalStream(IterableDataset):
             read = 0
             try:
                 for raw in iter_samples(
-                    url, piece.start, piece.stop, self.retry, max_member_bytes=self.max_member_bytes
+                    url,
+                    piece.start,
+                    piece.stop,
+                    self.retry,
+                    max_member_bytes=self.max_member_bytes,
+                    stats=read_stats,
                 ):
                     read += 1
                     # Batches are filled with decoded samples: every batch but the last is full.
                     pending += decode_samples([raw], self.decode, rng, stats, warnings)
                     if len(pending) == self.batch_size:
+                        count_reads(read_stats, stats)
                         yield self.collate(pending), dict(stats)
                         pending, stats = [], Counter()
             except ShardReadError as exc:
@@ -86,6 +93,7 @@ class EvalStream(IterableDataset):
                 warnings.warn(f"skipping the rest of {url}: {exc}")
             if read < len(piece):
                 stats["unreadable_samples"] += len(piece) - read
+        count_reads(read_stats, stats)
         if pending:
             yield self.collate(pending), dict(stats)
         elif +stats:  # something was counted since the last batch (zero counts aside)

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from shardify.bytestream import RateLimitedLog, RetryPolicy, ShardReadError
+from shardify.bytestream import RateLimitedLog, ReadStats, RetryPolicy, ShardReadError
 from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES, iter_samples
-from streamtrain.data.counts import Collate, Decode, decode_samples
+from streamtrain.data.counts import Collate, Decode, count_reads, decode_samples
 from streamtrain.data.plan import (
     Piece,
     Topology,
@@ -176,6 +176,8 @@ class _Run:
         self.warnings = warnings
         self.max_member_bytes = max_member_bytes
         self.failed: set[str] = set()
+        self.read_stats = ReadStats()
+        """Storage retries and reopens since the last window, moved into its counts."""
         self._open: tuple[int, int, Iterator[dict[str, Any]]] | None = None
         """(piece index, run position of its next sample, its sample iterator)."""
 
@@ -207,6 +209,7 @@ class _Run:
                     self.warnings.warn(f"skipping the rest of {shard.url}: {problem}")
                 stats["unreadable_samples"] += hi - position
             offset += len(piece)
+        count_reads(self.read_stats, stats)
         return found
 
     def _check_ended(
@@ -230,4 +233,11 @@ class _Run:
         # A piece that ends the shard reads on to its end, so a miscounted manifest shows.
         stop = None if piece.stop == shard.samples else piece.stop
         # To the piece's end: kept open.
-        return iter_samples(shard.url, first, stop, self.retry, max_member_bytes=self.max_member_bytes)
+        return iter_samples(
+            shard.url,
+            first,
+            stop,
+            self.retry,
+            max_member_bytes=self.max_member_bytes,
+            stats=self.read_stats,
+        )
