@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shardify.bytestream import RateLimitedLog, ReadStats, RetryPolicy, ShardReadError
 from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES, iter_samples
 from streamtrain.data.counts import Collate, Decode, count_reads, decode_samples
+from streamtrain.data.dataset import Dataset
 from streamtrain.data.loader import stop_workers
 from streamtrain.data.plan import slice_sequence
-from streamtrain.data.shards import Dataset
 
 log = logging.getLogger(__name__)
 WARN_EVERY_S = 30.0

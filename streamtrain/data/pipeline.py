@@ -11,11 +11,12 @@ from typing import Any
 
 from shardify.bytestream import RetryPolicy
 from streamtrain.config import DataConfig, EvalConfig
+from streamtrain.data.dataset import Dataset
 from streamtrain.data.eval import EvalStream, eval_batches
 from streamtrain.data.loader import StreamLoader
 from streamtrain.data.plan import Topology
 from streamtrain.data.sample_log import SampleLog
-from streamtrain.data.shards import Dataset, resolve
+from streamtrain.data.shards import resolve
 from streamtrain.data.stream import Collate, Decode, ShardStream, StreamConfig
 
 

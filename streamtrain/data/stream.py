@@ -28,15 +28,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from shardify.bytestream import RateLimitedLog, ReadStats, RetryPolicy, ShardReadError
 from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES, iter_samples
 from streamtrain.data.counts import Collate, Decode, count_reads, decode_samples
-from streamtrain.data.plan import (
-    Piece,
-    Topology,
-    batches_per_rank,
-    derive_seed,
-    worker_batches,
-    worker_pieces,
-)
-from streamtrain.data.shards import Dataset
+from streamtrain.data.dataset import Dataset
+from streamtrain.data.plan import Piece, Topology, WorkerPlan, derive_seed, epoch_plan
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +69,8 @@ class ShardStream(IterableDataset):
         self.collate = collate
         self.config = config or StreamConfig()
         self.retry = retry
-        self.batches_per_epoch = batches_per_rank(list(dataset.shards), topology)
+        # Every epoch has as many batches per rank (the plan equalises ranks; PlanError if none).
+        self.batches_per_epoch = epoch_plan(dataset, topology, self.config.seed, 0).batches_per_rank
         self.start_batch = 0
         """Rank batches already consumed; set by the loader before iteration starts."""
 
@@ -91,29 +85,31 @@ class ShardStream(IterableDataset):
         return self._worker_batches(role, done)
 
     def _worker_batches(self, worker: int, done: int) -> Iterator[tuple[Any, dict[str, int]]]:
+        """Reader role ``worker``'s batches from its ``done``-th on, epoch after epoch."""
         epoch = 0
         warnings = RateLimitedLog(log, self.config.warn_every_s)
         while True:
-            _, count = worker_batches(self.batches_per_epoch, self.topology.readers, worker, epoch)
+            plan = epoch_plan(self.dataset, self.topology, self.config.seed, epoch)
+            count = plan.batches(worker)
             if done >= count:
                 done -= count
                 epoch += 1
                 continue
-            yield from self._epoch_batches(worker, epoch, count, done, warnings)
+            yield from self._epoch_batches(plan.worker(worker), epoch, worker, done, warnings)
             done = 0
             epoch += 1
 
     def _epoch_batches(
-        self, worker: int, epoch: int, count: int, first_batch: int, warnings: RateLimitedLog
+        self, share: WorkerPlan, epoch: int, worker: int, done: int, warnings: RateLimitedLog
     ) -> Iterator[tuple[Any, dict[str, int]]]:
+        """The batches of one epoch's share, from its ``done``-th on."""
         batch_size = self.topology.batch_size
-        pieces = worker_pieces(list(self.dataset.shards), self.topology, self.config.seed, epoch, worker)
-        run = _Run(self.dataset, pieces, self.retry, warnings, self.config.max_member_bytes)
+        run = _Run(self.dataset, share.pieces, self.retry, warnings, self.config.max_member_bytes)
         window_size = max(1, self.config.shuffle_buffer)
-        position = first_batch * batch_size
+        position = done * batch_size
         pending: list[Any] = []
         stats: Counter[str] = Counter()
-        end = count * batch_size
+        end = share.batches * batch_size
         window_start = position - position % window_size
         while window_start < end:
             window_stop = min(window_start + window_size, end)
@@ -165,7 +161,7 @@ class _Run:
     def __init__(
         self,
         dataset: Dataset,
-        pieces: list[Piece],
+        pieces: tuple[Piece, ...],
         retry: RetryPolicy | None,
         warnings: RateLimitedLog,
         max_member_bytes: int,

@@ -13,9 +13,9 @@ from shardify import bytestream
 from shardify.bytestream import RateLimitedLog
 from streamtrain.data import eval as eval_module
 from streamtrain.data.counts import decode_samples
+from streamtrain.data.dataset import Dataset, ShardInfo, Source
 from streamtrain.data.eval import EvalStream
-from streamtrain.data.plan import ShardInfo, Topology
-from streamtrain.data.shards import Dataset
+from streamtrain.data.plan import Topology
 from streamtrain.data.stream import ShardStream
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def test_decode_samples_warns_at_a_limited_rate(caplog: pytest.LogCaptureFixture
 
 
 def _stream(batch_size: int) -> ShardStream:
-    dataset = Dataset((ShardInfo("plain.tar", len(RAWS)),), "caption")
+    dataset = Dataset((Source("plain", (ShardInfo("plain.tar", len(RAWS)),)),), "caption")
     return ShardStream(dataset, Topology(batch_size=batch_size), decode, list)
 
 
@@ -91,7 +91,7 @@ def test_held_out_batches_count_through_it_and_are_refilled(monkeypatch: pytest.
         return iter(readable[first:stop])
 
     monkeypatch.setattr(eval_module, "iter_samples", plain_list)
-    dataset = Dataset((ShardInfo("plain.tar", len(readable)),), "caption")
+    dataset = Dataset((Source("plain", (ShardInfo("plain.tar", len(readable)),)),), "caption")
     # Held-out batches are filled with decoded samples, never dropped: the last may be partial,
     # and counts after the last sample arrive with a None batch.
     for batch_size, expected in ((2, [["k0", "k6"], None]), (3, [["k0", "k6"]]), (1, [["k0"], ["k6"], None])):

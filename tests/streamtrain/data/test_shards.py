@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 import subprocess
 import sys
@@ -115,3 +116,17 @@ def test_unreachable_endpoint_ends_train_with_one_line(refused_endpoint: str, tm
     assert waited is not None and int(waited.group(1)) > 1, line  # botocore's own tries
     assert float(waited.group(2)) < 40 and elapsed < 120, (line, elapsed)  # imports take ~20 s here
     assert not (tmp_path / "run").exists()  # stopped before anything was written
+
+
+def test_sources_keep_their_names_and_shards(outputs: tuple[Path, Path]) -> None:
+    one, two = outputs
+    both = resolve([str(one), str(two / "manifest.json")])
+    assert [(source.name, [s.samples for s in source.shards]) for source in both.sources] == [
+        (str(one), [10, 10, 5]),
+        (str(two / "manifest.json"), [7]),
+    ]
+    assert both.shards == both.sources[0].shards + both.sources[1].shards
+    assert [source.samples for source in both.sources] == [25, 7] and both.samples == 32
+    # The fingerprint a saved loader state holds is that of the flat shard list, as before.
+    flat = "\n".join(f"{s.url}\t{s.samples}" for s in both.shards)
+    assert both.fingerprint() == hashlib.sha256(flat.encode()).hexdigest()[:16]

@@ -11,8 +11,9 @@ import pytest
 
 from shardify.bytestream import RetryPolicy
 from shardify.convert import ConvertOptions, convert
+from streamtrain.data.dataset import ShardInfo, Source
 from streamtrain.data.loader import LoaderStateError, StreamLoader
-from streamtrain.data.plan import ShardInfo, Topology
+from streamtrain.data.plan import Topology
 from streamtrain.data.shards import Dataset, resolve
 from streamtrain.data.stream import ShardStream, StreamConfig
 from tests import factories
@@ -106,7 +107,8 @@ def test_changed_topology_is_refused(shards: Dataset) -> None:
 
 
 def test_missing_shard_is_skipped_and_counted(shards: Dataset, tmp_path: Path) -> None:
-    broken = Dataset((*shards.shards, ShardInfo(str(tmp_path / "gone.tar"), 30)), shards.schema)
+    gone = Source("gone", (ShardInfo(str(tmp_path / "gone.tar"), 30),))
+    broken = Dataset((*shards.sources, gone), shards.schema)
     topology = Topology(num_workers=0, batch_size=4)
     stream = ShardStream(
         broken,
