@@ -235,7 +235,11 @@ class UnknownStorageError(ValueError):
 
 
 def register_storage(scheme: str, backend: type[StorageBackend], *, replace: bool = False) -> None:
-    """Route ``scheme://`` URLs to ``backend``; replacing a registered scheme must be asked for."""
+    """Route ``scheme://`` URLs to ``backend``; replacing a registered scheme must be asked for.
+
+    Dataloader workers must see the registration too: make it before they start (forked workers
+    inherit it) or in a module they import (workers started by spawn import modules afresh).
+    """
     if not _SCHEME.match(scheme):
         raise ValueError(f"not a URL scheme: {scheme!r}")
     if scheme in _BACKENDS and not replace and _BACKENDS[scheme] is not backend:
