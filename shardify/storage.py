@@ -91,8 +91,6 @@ class StorageBackend:
     time, and a missing object is tried again (a fresh object can be listed before it is readable)."""
     open_options: ClassVar[dict[str, Any]] = {}
     """Passed to the filesystem's ``open`` by ``open()``."""
-    open_options: ClassVar[dict[str, Any]] = {}
-    """Passed to the filesystem's ``open`` by ``open()``."""
 
     def __init__(self, scheme: str) -> None:
         self.scheme = scheme
@@ -160,9 +158,6 @@ class S3Storage(StorageBackend):
     # No read-ahead cache: a reader asks for exactly the ranges it wants (and resumes them).
     open_options: ClassVar[dict[str, Any]] = {"cache_type": "none"}
 
-    # No read-ahead cache: a reader asks for exactly the ranges it wants (and resumes them).
-    open_options: ClassVar[dict[str, Any]] = {"cache_type": "none"}
-
     def filesystem(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         options: dict[str, Any] = {}
         endpoint = _configured_endpoint()
@@ -171,10 +166,6 @@ class S3Storage(StorageBackend):
         return fsspec.filesystem("s3", **options), url.split("://", 1)[1]
 
     def failure(self, exc: BaseException) -> Failure | None:
-        if isinstance(exc, FileNotFoundError | NotADirectoryError | IsADirectoryError):
-            return Failure.MISSING
-        if isinstance(exc, PermissionError):
-            return Failure.DENIED
         if isinstance(exc, _CLIENT_ERRORS):
             response: dict[str, Any] = getattr(exc, "response", {})
             error = response.get("Error", {})
@@ -185,6 +176,7 @@ class S3Storage(StorageBackend):
                 return Failure.DENIED
             throttled = status in (408, 429) or "SlowDown" in str(exc)
             return Failure.TRANSIENT if status >= 500 or throttled else None
+        # Before the OSError rule: some connect errors (aiohttp's, botocore's timeouts) are OSErrors.
         if isinstance(exc, _CONNECT_ERRORS):
             return Failure.UNREACHABLE
         if isinstance(exc, _TRANSIENT_LIBRARY_ERRORS):
@@ -226,7 +218,6 @@ def _configured_endpoint() -> tuple[str, str] | None:
 
 
 _BACKENDS: dict[str, type[StorageBackend]] = {"file": LocalStorage, "s3": S3Storage}
-_SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")  # RFC 3986
 _SCHEME = re.compile(r"^[a-z][a-z0-9+.-]*$")  # RFC 3986
 
 
