@@ -39,11 +39,11 @@ import webdataset as wds  # noqa: E402
 
 from benchmarks.bench_shardify import peak_rss_mb, pixmo_photo  # noqa: E402
 from shardify.convert import ConvertOptions, convert  # noqa: E402
+from shardify.tarread import iter_samples  # noqa: E402
 from streamtrain.data.collate import collate_alignment  # noqa: E402
 from streamtrain.data.decoders import CaptionDecoder  # noqa: E402
 from streamtrain.data.loader import StreamLoader  # noqa: E402
 from streamtrain.data.plan import Topology  # noqa: E402
-from streamtrain.data.remote import iter_samples  # noqa: E402
 from streamtrain.data.shards import resolve  # noqa: E402
 from streamtrain.data.stream import ShardStream, StreamConfig  # noqa: E402
 from streamtrain.data.transforms import decode_image, vision_transform  # noqa: E402

@@ -8,19 +8,16 @@ A shardify output (a local directory or an ``s3://`` prefix) holds:
 - ``manifest.json``: the ordered shard list with exact per-shard sample counts (written last).
 - ``skipped.jsonl``: one line per source row that was not converted, with its reason.
 
-It also says how such a location is addressed (local paths, ``s3://`` URLs and the AWS
-environment). This module knows nothing of conversion or training; both sides import it.
+This module knows nothing of conversion, training or storage (storage.py says how a location
+is addressed and read); both sides import it.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-import fsspec
 
 MANIFEST_NAME = "manifest.json"
 SKIPPED_NAME = "skipped.jsonl"
@@ -54,31 +51,6 @@ AUDIO_EXTENSIONS = {
     "OGG": "ogg",
     "MP3": "mp3",
 }
-
-
-def is_remote(url: str) -> bool:
-    return "://" in url and not url.startswith("file://")
-
-
-def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``url`` and the path inside it.
-
-    S3 uses the standard AWS environment (credentials, profile, region); an S3-compatible store
-    is named with ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``.
-    """
-    if url.startswith("s3://"):
-        options: dict[str, Any] = {}
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            options["client_kwargs"] = {"endpoint_url": endpoint}
-        fs = fsspec.filesystem("s3", **options)
-        return fs, url[len("s3://") :]
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
-
-
-def join(base: str, name: str) -> str:
-    return base.rstrip("/") + "/" + name
 
 
 def sample_key(source_index: int, row: int, sample_id: object) -> str:

@@ -13,8 +13,8 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 
-from shardify.format import filesystem, is_remote, join
 from shardify.sources import InputError
+from shardify.storage import as_user_error, filesystem, is_remote, join
 
 WORK_DIR = ".shardify"
 
@@ -24,8 +24,9 @@ class Output:
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/") if url != "/" else url
-        self.remote = is_remote(url)
-        self.fs, self.root = filesystem(self.url)
+        with as_user_error(InputError, url):
+            self.remote = is_remote(url)
+            self.fs, self.root = filesystem(self.url)
         if self.remote:
             self._scratch = tempfile.mkdtemp(prefix="shardify-")
         else:
@@ -37,8 +38,11 @@ class Output:
                 with open(probe, "wb"):
                     pass
                 os.remove(probe)
-            elif not self.fs.exists(self.root.split("/", 1)[0]):
-                raise InputError(f"output bucket of {url} does not exist")
+            else:
+                with as_user_error(InputError, url):
+                    bucket_exists = self.fs.exists(self.root.split("/", 1)[0])
+                if not bucket_exists:
+                    raise InputError(f"output bucket of {url} does not exist")
         except OSError as exc:
             raise InputError(f"cannot write to output {url}: {exc.strerror or exc}") from None
 

@@ -6,11 +6,11 @@ import glob
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shardify.format import SCHEMAS, filesystem, is_remote
+from shardify.format import SCHEMAS
+from shardify.storage import as_user_error, filesystem, is_remote, storage_for
 
 IMAGE_COLUMN = "image_bytes"
 AUDIO_COLUMN = "audio_bytes"
@@ -22,30 +22,25 @@ class InputError(Exception):
     """A problem with what the user asked for; reported as a message, never a traceback."""
 
 
-def _protocol_url(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
-    if like.startswith("s3://"):
-        return "s3://" + path
-    return path
-
-
 def expand_inputs(patterns: list[str]) -> list[str]:
     """Files, directories (searched recursively for ``*.parquet``) and globs, in a stable order."""
     found: list[str] = []
     for pattern in patterns:
-        fs, path = filesystem(pattern)
-        if glob.has_magic(path):
-            matches = sorted(p for p in fs.glob(path) if fs.isfile(p))
-        elif fs.isdir(path):
-            matches = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
-            if not matches:
-                raise InputError(f"directory {pattern} holds no *.parquet files")
-        elif fs.exists(path):
-            matches = [path]
-        else:
-            raise InputError(f"input {pattern} does not exist")
+        with as_user_error(InputError, pattern):
+            fs, path = filesystem(pattern)
+            if glob.has_magic(path):
+                matches = sorted(p for p in fs.glob(path) if fs.isfile(p))
+            elif fs.isdir(path):
+                matches = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+                if not matches:
+                    raise InputError(f"directory {pattern} holds no *.parquet files")
+            elif fs.exists(path):
+                matches = [path]
+            else:
+                raise InputError(f"input {pattern} does not exist")
         if not matches:
             raise InputError(f"no input matched {pattern}")
-        found.extend(_protocol_url(fs, p, pattern) for p in matches)
+        found.extend(storage_for(pattern).url(p) for p in matches)  # listings give bare paths
     unique = list(dict.fromkeys(found))
     if not unique:
         raise InputError("no inputs given")
@@ -66,9 +61,9 @@ class ParquetInput:
     def open(self) -> pq.ParquetFile:
         # pre_buffer would read every requested row group up front: memory would grow with
         # the file. Without it, pyarrow streams one row group's pages at a time.
-        if not is_remote(self.url):
-            return pq.ParquetFile(self.url, pre_buffer=False)
         fs, path = filesystem(self.url)
+        if not is_remote(self.url):
+            return pq.ParquetFile(path, pre_buffer=False)
         return pq.ParquetFile(fs.open(path, "rb"), buffer_size=1 << 20, pre_buffer=False)
 
     def iter_batches(self, start_row: int, batch_rows: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
@@ -98,12 +93,13 @@ def open_inputs(urls: list[str]) -> list[ParquetInput]:
     """Read every input's footer up front, so bad files fail before any shard is written."""
     inputs = []
     for index, url in enumerate(urls):
-        fs, path = filesystem(url)
         try:
-            size = int(fs.size(path))
-            with fs.open(path, "rb") as handle:
-                metadata = pq.ParquetFile(handle).metadata
-                schema = metadata.schema.to_arrow_schema()
+            with as_user_error(InputError, url):
+                fs, path = filesystem(url)
+                size = int(fs.size(path))
+                with fs.open(path, "rb") as handle:
+                    metadata = pq.ParquetFile(handle).metadata
+                    schema = metadata.schema.to_arrow_schema()
         except PermissionError as exc:
             raise InputError(f"cannot read input {url}: {exc}") from None
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:

@@ -50,6 +50,14 @@ class DataConfig:
     max_member_mb: float = 256.0
     """A tar member (one image, clip or text) larger than this is skipped unread and its sample
     counted in data/oversized_samples: a hostile or broken shard cannot exhaust memory."""
+    retries: int = 6
+    """Tries of one storage read (a transient S3 or network error) before the rest of its shard is
+    skipped for the epoch; a read that succeeds resets the count. Each retry is counted in
+    data/read_retries, each reopened object in data/read_reopens."""
+    retry_backoff_s: float = 0.5
+    """Wait after the first failed try of a read; it doubles with every further failure (jittered)."""
+    retry_max_backoff_s: float = 8.0
+    """Ceiling of the wait between two tries of one read."""
     image_size: int = 224
     """Square size images are cropped to."""
     horizontal_flip: bool = True
@@ -72,6 +80,14 @@ class DataConfig:
         found += _at_least(self, ("num_workers", 0), ("prefetch_factor", 1), ("shuffle_buffer", 1))
         if self.max_member_mb <= 0:
             found.append(f"max_member_mb: {self.max_member_mb} must be > 0")
+        found += _at_least(self, ("retries", 1))
+        if self.retry_backoff_s < 0:
+            found.append(f"retry_backoff_s: {self.retry_backoff_s} must be >= 0")
+        if self.retry_max_backoff_s < max(0.0, self.retry_backoff_s):
+            found.append(
+                f"retry_max_backoff_s: {self.retry_max_backoff_s} must be >= retry_backoff_s "
+                f"({self.retry_backoff_s})"
+            )
         found += _at_least(self, ("image_size", 8), ("max_question_tokens", 1), ("max_answer_tokens", 2))
         return found
 

@@ -1,8 +1,10 @@
-"""Shared fixtures: a loopback S3 server, and clean fsspec caches between tests."""
+"""Shared fixtures: a loopback S3 server, an endpoint that refuses connections, and clean
+fsspec caches between tests."""
 
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 
 import fsspec
@@ -47,3 +49,21 @@ def s3_bucket(s3_env: SeaweedS3, request: pytest.FixtureRequest) -> str:
     if not fs.exists(name):
         fs.mkdir(name)
     return name
+
+
+@pytest.fixture
+def refused_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """An S3 endpoint on loopback that refuses connections, set as AWS_ENDPOINT_URL (with dummy
+    credentials and botocore's default retries) for this process and its children."""
+    with socket.socket() as sock:  # a port just bound and closed: nothing listens on it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unreachable-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unreachable-test-secret")
+    _clear_filesystem_caches()
+    yield endpoint
+    _clear_filesystem_caches()

@@ -8,6 +8,7 @@ batch counts that differ by one; callers gather variable-sized results (see stre
 
 from __future__ import annotations
 
+import logging
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -15,10 +16,16 @@ from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from shardify.bytestream import RateLimitedLog, ReadStats, RetryPolicy, ShardReadError
+from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES, iter_samples
+from streamtrain.data.counts import Collate, Decode, count_reads, decode_samples
+from streamtrain.data.dataset import Dataset
+from streamtrain.data.loader import stop_workers
 from streamtrain.data.plan import slice_sequence
-from streamtrain.data.remote import DEFAULT_MAX_MEMBER_BYTES, RetryPolicy, ShardReadError, iter_samples
-from streamtrain.data.shards import Dataset
-from streamtrain.data.stream import Collate, Decode
+
+log = logging.getLogger(__name__)
+WARN_EVERY_S = 30.0
+"""At most one warning per this many seconds per worker for read-time failures (as in training)."""
 
 
 def _share(total: int, parts: int, index: int) -> tuple[int, int]:
@@ -58,6 +65,8 @@ class EvalStream(IterableDataset):
         shards = list(self.dataset.shards)
         pieces = slice_sequence(shards, list(range(len(shards))), rank_lo + lo, rank_lo + hi)
         rng = random.Random(0)  # eval decoders draw nothing, but the decoder contract takes one
+        warnings = RateLimitedLog(log, WARN_EVERY_S)
+        read_stats = ReadStats()
         pending: list[Any] = []
         stats: Counter[str] = Counter()
         for piece in pieces:
@@ -65,29 +74,29 @@ class EvalStream(IterableDataset):
             read = 0
             try:
                 for raw in iter_samples(
-                    url, piece.start, piece.stop, self.retry, max_member_bytes=self.max_member_bytes
+                    url,
+                    piece.start,
+                    piece.stop,
+                    self.retry,
+                    max_member_bytes=self.max_member_bytes,
+                    stats=read_stats,
                 ):
                     read += 1
-                    if "__error__" in raw:  # a member over the size limit, left unread
-                        stats["oversized_samples"] += 1
-                        continue
-                    try:
-                        pending.append(self.decode(raw, rng))
-                    except Exception:  # a bad held-out sample is counted, never fatal
-                        stats["decode_errors"] += 1
-                        continue
+                    # Batches are filled with decoded samples: every batch but the last is full.
+                    pending += decode_samples([raw], self.decode, rng, stats, warnings)
                     if len(pending) == self.batch_size:
-                        stats["samples"] += len(pending)
+                        count_reads(read_stats, stats)
                         yield self.collate(pending), dict(stats)
                         pending, stats = [], Counter()
-            except ShardReadError:
+            except ShardReadError as exc:
                 stats["shard_errors"] += 1
+                warnings.warn(f"skipping the rest of {url}: {exc}")
             if read < len(piece):
                 stats["unreadable_samples"] += len(piece) - read
+        count_reads(read_stats, stats)
         if pending:
-            stats["samples"] += len(pending)
             yield self.collate(pending), dict(stats)
-        elif stats:
+        elif +stats:  # something was counted since the last batch (zero counts aside)
             yield None, dict(stats)
 
 
@@ -99,6 +108,4 @@ def eval_batches(stream: EvalStream, num_workers: int) -> Iterator[tuple[Any, di
     try:
         yield from iterator
     finally:
-        shutdown = getattr(iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()
+        stop_workers(iterator)

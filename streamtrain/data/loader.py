@@ -28,6 +28,17 @@ def _stop_running_loaders() -> None:
         loader.close()
 
 
+def stop_workers(iterator: object) -> None:
+    """Stop the worker processes of a DataLoader iterator now.
+
+    Infinite workers never finish on their own, and a finite pass abandoned half-way would keep
+    its workers until garbage collection; DataLoader has no public call for this.
+    """
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
 class LoaderStateError(UserError):
     """A saved loader state that cannot be resumed exactly with this configuration."""
 
@@ -106,9 +117,7 @@ class StreamLoader:
 
     def close(self) -> None:
         """Stop the workers now (a later ``next()`` starts them again at the current position)."""
-        shutdown = getattr(self._iterator, "_shutdown_workers", None)
-        if shutdown is not None:
-            shutdown()  # infinite workers never finish on their own: stop them explicitly
+        stop_workers(self._iterator)
         self._iterator = None
         _RUNNING.discard(self)
 

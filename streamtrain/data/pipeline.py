@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from shardify.bytestream import RetryPolicy
 from streamtrain.config import DataConfig, EvalConfig
+from streamtrain.data.dataset import Dataset
 from streamtrain.data.eval import EvalStream, eval_batches
 from streamtrain.data.loader import StreamLoader
 from streamtrain.data.plan import Topology
 from streamtrain.data.sample_log import SampleLog
-from streamtrain.data.shards import Dataset, resolve
+from streamtrain.data.shards import resolve
 from streamtrain.data.stream import Collate, Decode, ShardStream, StreamConfig
 
 
@@ -44,6 +46,7 @@ def train_loader(
         decode,
         collate,
         StreamConfig(seed=seed, shuffle_buffer=data.shuffle_buffer, max_member_bytes=_member_bytes(data)),
+        retry_policy(data),
     )
     return StreamLoader(
         stream,
@@ -73,9 +76,19 @@ def held_out_batches(
         decode,
         collate,
         max_samples=settings.max_samples,
+        retry=retry_policy(data),
         max_member_bytes=_member_bytes(data),
     )
     return eval_batches(stream, data.num_workers)
+
+
+def retry_policy(data: DataConfig) -> RetryPolicy:
+    """How the streams ride out transient storage errors: ``data.retries`` and its backoffs."""
+    return RetryPolicy(
+        attempts=data.retries,
+        initial_backoff_s=data.retry_backoff_s,
+        max_backoff_s=data.retry_max_backoff_s,
+    )
 
 
 def _member_bytes(data: DataConfig) -> int:

@@ -7,8 +7,8 @@ that ran dry); the few samples left over — fewer than one batch per rank — a
 remainder and are not read (the next epoch's order differs, so no sample is always left out).
 Inside the rank, worker ``w`` of ``K`` takes a contiguous sub-run of whole batches. Shards are
 split by sample index wherever a run boundary falls, so ranks × workers may exceed the number of
-shards. No I/O is needed to know who reads what, and the plan is a pure function of
-(shard counts, seed, epoch, world size, workers, batch size).
+shards. No I/O is needed to know who reads what: ``epoch_plan`` is a pure function of
+(shard counts, seed, epoch, world size, workers, batch size), and the stream only consumes it.
 """
 
 from __future__ import annotations
@@ -16,17 +16,12 @@ from __future__ import annotations
 import bisect
 import hashlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
+from streamtrain.data.dataset import Dataset, ShardInfo
 from streamtrain.errors import UserError
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """One shard and its exact sample count (from the manifest)."""
-
-    url: str
-    samples: int
 
 
 @dataclass(frozen=True)
@@ -72,7 +67,7 @@ def shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def batches_per_rank(shards: list[ShardInfo], topology: Topology) -> int:
+def batches_per_rank(shards: Sequence[ShardInfo], topology: Topology) -> int:
     total = sum(shard.samples for shard in shards)
     batches = total // (topology.world_size * topology.batch_size)
     if batches == 0:
@@ -97,25 +92,89 @@ def worker_batches(total_batches: int, readers: int, worker: int, epoch: int) ->
 
 
 def worker_pieces(
-    shards: list[ShardInfo], topology: Topology, seed: int, epoch: int, worker: int
+    shards: Sequence[ShardInfo], topology: Topology, seed: int, epoch: int, worker: int
 ) -> list[Piece]:
     """The shard pieces worker ``worker`` of this rank reads in ``epoch``, in reading order."""
-    per_rank = batches_per_rank(shards, topology)
-    first_batch, count = worker_batches(per_rank, topology.readers, worker, epoch)
-    rank_start = topology.rank * per_rank * topology.batch_size
-    start = rank_start + first_batch * topology.batch_size
-    return slice_sequence(
-        shards, shard_order(len(shards), seed, epoch), start, start + count * topology.batch_size
-    )
+    return list(epoch_plan(shards, topology, seed, epoch).worker(worker).pieces)
 
 
-def slice_sequence(shards: list[ShardInfo], order: list[int], start: int, stop: int) -> list[Piece]:
+@dataclass(frozen=True)
+class WorkerPlan:
+    """One dataloader worker's share of its rank's epoch."""
+
+    first_batch: int
+    """Index of its first batch among the rank's batches of the epoch."""
+    batches: int
+    pieces: tuple[Piece, ...]
+    """What it reads, in reading order: ``batches * batch_size`` samples."""
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Who reads what on one rank in one epoch; build it with ``epoch_plan``.
+
+    The batch counts are known at once; the shard order and the pieces are worked out when first
+    asked for, so skipping epochs on resume costs nothing per shard.
+    """
+
+    shards: tuple[ShardInfo, ...]
+    topology: Topology
+    seed: int
+    epoch: int
+    batches_per_rank: int
+
+    def worker(self, worker: int) -> WorkerPlan:
+        """The share of worker (reader role) ``worker``."""
+        first, count = worker_batches(self.batches_per_rank, self.topology.readers, worker, self.epoch)
+        batch_size = self.topology.batch_size
+        start = (self.topology.rank * self.batches_per_rank + first) * batch_size
+        pieces = _slice(self.shards, self._order, self._ends, start, start + count * batch_size)
+        return WorkerPlan(first, count, tuple(pieces))
+
+    def batches(self, worker: int) -> int:
+        """How many batches worker ``worker`` yields this epoch."""
+        return worker_batches(self.batches_per_rank, self.topology.readers, worker, self.epoch)[1]
+
+    @property
+    def workers(self) -> tuple[WorkerPlan, ...]:
+        return tuple(self.worker(w) for w in range(self.topology.readers))
+
+    @cached_property
+    def _order(self) -> list[int]:
+        return shard_order(len(self.shards), self.seed, self.epoch)
+
+    @cached_property
+    def _ends(self) -> list[int]:
+        return _cumulative_ends(self.shards, self._order)
+
+
+def epoch_plan(data: Dataset | Sequence[ShardInfo], topology: Topology, seed: int, epoch: int) -> EpochPlan:
+    """The plan of ``epoch`` on ``topology.rank``: a pure function of its arguments, with no I/O.
+
+    Raises PlanError when the data cannot give every rank one batch.
+    """
+    shards = data.shards if isinstance(data, Dataset) else tuple(data)
+    return EpochPlan(shards, topology, seed, epoch, batches_per_rank(shards, topology))
+
+
+def slice_sequence(shards: Sequence[ShardInfo], order: list[int], start: int, stop: int) -> list[Piece]:
     """Samples ``[start, stop)`` of the shards concatenated in ``order``, as pieces."""
+    return _slice(shards, order, _cumulative_ends(shards, order), start, stop)
+
+
+def _cumulative_ends(shards: Sequence[ShardInfo], order: list[int]) -> list[int]:
+    """Where each shard of ``order`` ends in the concatenated sequence."""
     ends: list[int] = []
     total = 0
     for index in order:
         total += shards[index].samples
         ends.append(total)
+    return ends
+
+
+def _slice(
+    shards: Sequence[ShardInfo], order: list[int], ends: list[int], start: int, stop: int
+) -> list[Piece]:
     pieces = []
     position = bisect.bisect_right(ends, start)
     while start < stop and position < len(order):

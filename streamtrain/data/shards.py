@@ -1,23 +1,22 @@
-"""Turning ``data.train`` / ``data.eval`` into the list of shards and their exact sample counts.
+"""Turning ``data.train`` / ``data.eval`` into sources: their shards and exact sample counts.
 
 A data source is a shardify output (local directory or ``s3://`` prefix holding
 ``manifest.json``), a manifest path, a brace pattern (``s3://b/pixmo/shard-{000000..000999}.tar``)
-or a single shard; or a list of these. Patterns and single shards take their counts from the
-``manifest.json`` beside them: exact counts are what make the epoch plan (and cheap resume)
-possible without reading a byte of the shards.
+or a single shard; or a list of these, each of which stays a Source of its own. Patterns and
+single shards take their counts from the ``manifest.json`` beside them: exact counts are what
+make the epoch plan (and cheap resume) possible without reading a byte of the shards.
 """
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 from collections import Counter
-from dataclasses import dataclass
 
 import braceexpand
 
-from shardify.format import MANIFEST_NAME, Manifest, filesystem, join
-from streamtrain.data.plan import ShardInfo
+from shardify.format import MANIFEST_NAME, Manifest
+from shardify.storage import as_user_error, filesystem, join
+from streamtrain.data.dataset import Dataset, ShardInfo, Source
 from streamtrain.errors import UserError
 
 
@@ -25,28 +24,12 @@ class DataSourceError(UserError):
     """A data source that cannot be used; the message names it and says why."""
 
 
-@dataclass(frozen=True)
-class Dataset:
-    """The shards of one data source list, in order."""
-
-    shards: tuple[ShardInfo, ...]
-    schema: str
-
-    @property
-    def samples(self) -> int:
-        return sum(shard.samples for shard in self.shards)
-
-    def fingerprint(self) -> str:
-        """Identifies the shard list; a resumed run refuses a different one."""
-        text = "\n".join(f"{s.url}\t{s.samples}" for s in self.shards)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 def _read_manifest(url: str) -> Manifest:
-    fs, path = filesystem(url)
     try:
-        with fs.open(path, "r", encoding="utf-8") as handle:
-            text = handle.read()
+        with as_user_error(DataSourceError, url):
+            fs, path = filesystem(url)
+            with fs.open(path, "r", encoding="utf-8") as handle:
+                text = handle.read()
     except FileNotFoundError:
         raise DataSourceError(f"{url} does not exist") from None
     except OSError as exc:
@@ -80,8 +63,10 @@ def _resolve_one(source: str) -> tuple[list[ShardInfo], str]:
             shards.append(ShardInfo(url, counts[name]))
         schemas = {m.schema for m in manifests.values()}
         return shards, schemas.pop() if len(schemas) == 1 else "mixed"
-    fs, path = filesystem(source)
-    if not fs.exists(join(path, MANIFEST_NAME)):
+    with as_user_error(DataSourceError, source):
+        fs, path = filesystem(source)
+        found = fs.exists(join(path, MANIFEST_NAME))
+    if not found:
         raise DataSourceError(
             f"{source} holds no {MANIFEST_NAME}: point data at a shardify output, its manifest, "
             "or a brace pattern of shards that have a manifest beside them"
@@ -90,21 +75,28 @@ def _resolve_one(source: str) -> tuple[list[ShardInfo], str]:
 
 
 def resolve(sources: str | list[str]) -> Dataset:
-    """All shards named by ``sources``, in the order given; the same shard twice is an error."""
+    """One Source per entry of ``sources``, in the order given; the same shard twice is an error.
+
+    Shards without samples are left out (a source may end up with none).
+    """
     items = [sources] if isinstance(sources, str) else list(sources)
     if not items:
         raise DataSourceError("no data sources given")
-    shards: list[ShardInfo] = []
+    found: list[tuple[str, list[ShardInfo]]] = []
     schemas = set()
     for item in items:
-        found, schema = _resolve_one(item)
-        shards.extend(found)
+        shards, schema = _resolve_one(item)
+        found.append((item, shards))
         schemas.add(schema)
-    duplicated = sorted(url for url, n in Counter(s.url for s in shards).items() if n > 1)
+    listed = Counter(shard.url for _, shards in found for shard in shards)
+    duplicated = sorted(url for url, n in listed.items() if n > 1)
     if duplicated:
         raise DataSourceError(f"shards listed more than once: {', '.join(duplicated[:5])}")
-    empty = [s.url for s in shards if s.samples == 0]
-    shards = [s for s in shards if s.samples > 0]
-    if not shards:
-        raise DataSourceError(f"the data sources hold no samples ({len(empty)} empty shards)")
-    return Dataset(tuple(shards), schemas.pop() if len(schemas) == 1 else "mixed")
+    dataset = Dataset(
+        tuple(Source(name, tuple(s for s in shards if s.samples > 0)) for name, shards in found),
+        schemas.pop() if len(schemas) == 1 else "mixed",
+    )
+    if not dataset.shards:
+        empty = sum(len(shards) for _, shards in found)
+        raise DataSourceError(f"the data sources hold no samples ({empty} empty shards)")
+    return dataset

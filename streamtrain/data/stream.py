@@ -17,30 +17,21 @@ from __future__ import annotations
 
 import logging
 import random
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from streamtrain.data.plan import (
-    Piece,
-    Topology,
-    batches_per_rank,
-    derive_seed,
-    worker_batches,
-    worker_pieces,
-)
-from streamtrain.data.remote import DEFAULT_MAX_MEMBER_BYTES, RetryPolicy, ShardReadError, iter_samples
-from streamtrain.data.shards import Dataset
+from shardify.bytestream import RateLimitedLog, ReadStats, RetryPolicy, ShardReadError
+from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES, iter_samples
+from streamtrain.data.counts import Collate, Decode, count_reads, decode_samples
+from streamtrain.data.dataset import Dataset
+from streamtrain.data.plan import Piece, Topology, WorkerPlan, derive_seed, epoch_plan
 
 log = logging.getLogger(__name__)
-
-Decode = Callable[[dict[str, Any], random.Random], Any]
-Collate = Callable[[list[Any]], Any]
 
 
 @dataclass(frozen=True)
@@ -55,22 +46,6 @@ class StreamConfig:
     """At most one warning per this many seconds per worker for read-time failures."""
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
     """A sample with a larger tar member is skipped unread (counted as ``oversized_samples``)."""
-
-
-class _RateLimitedLog:
-    def __init__(self, every_s: float) -> None:
-        self.every_s = every_s
-        self.last = -float("inf")
-        self.suppressed = 0
-
-    def warn(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self.last < self.every_s:
-            self.suppressed += 1
-            return
-        extra = f" ({self.suppressed} similar warnings suppressed)" if self.suppressed else ""
-        log.warning("%s%s", message, extra)
-        self.last, self.suppressed = now, 0
 
 
 class ShardStream(IterableDataset):
@@ -94,7 +69,8 @@ class ShardStream(IterableDataset):
         self.collate = collate
         self.config = config or StreamConfig()
         self.retry = retry
-        self.batches_per_epoch = batches_per_rank(list(dataset.shards), topology)
+        # Every epoch has as many batches per rank (the plan equalises ranks; PlanError if none).
+        self.batches_per_epoch = epoch_plan(dataset, topology, self.config.seed, 0).batches_per_rank
         self.start_batch = 0
         """Rank batches already consumed; set by the loader before iteration starts."""
 
@@ -109,29 +85,31 @@ class ShardStream(IterableDataset):
         return self._worker_batches(role, done)
 
     def _worker_batches(self, worker: int, done: int) -> Iterator[tuple[Any, dict[str, int]]]:
+        """Reader role ``worker``'s batches from its ``done``-th on, epoch after epoch."""
         epoch = 0
-        warnings = _RateLimitedLog(self.config.warn_every_s)
+        warnings = RateLimitedLog(log, self.config.warn_every_s)
         while True:
-            _, count = worker_batches(self.batches_per_epoch, self.topology.readers, worker, epoch)
+            plan = epoch_plan(self.dataset, self.topology, self.config.seed, epoch)
+            count = plan.batches(worker)
             if done >= count:
                 done -= count
                 epoch += 1
                 continue
-            yield from self._epoch_batches(worker, epoch, count, done, warnings)
+            yield from self._epoch_batches(plan.worker(worker), epoch, worker, done, warnings)
             done = 0
             epoch += 1
 
     def _epoch_batches(
-        self, worker: int, epoch: int, count: int, first_batch: int, warnings: _RateLimitedLog
+        self, share: WorkerPlan, epoch: int, worker: int, done: int, warnings: RateLimitedLog
     ) -> Iterator[tuple[Any, dict[str, int]]]:
+        """The batches of one epoch's share, from its ``done``-th on."""
         batch_size = self.topology.batch_size
-        pieces = worker_pieces(list(self.dataset.shards), self.topology, self.config.seed, epoch, worker)
-        run = _Run(self.dataset, pieces, self.retry, warnings, self.config.max_member_bytes)
+        run = _Run(self.dataset, share.pieces, self.retry, warnings, self.config.max_member_bytes)
         window_size = max(1, self.config.shuffle_buffer)
-        position = first_batch * batch_size
+        position = done * batch_size
         pending: list[Any] = []
         stats: Counter[str] = Counter()
-        end = count * batch_size
+        end = share.batches * batch_size
         window_start = position - position % window_size
         while window_start < end:
             window_stop = min(window_start + window_size, end)
@@ -158,32 +136,13 @@ class ShardStream(IterableDataset):
         worker: int,
         batch_index: int,
         stats: Counter[str],
-        warnings: _RateLimitedLog,
+        warnings: RateLimitedLog,
     ) -> Any:
         """Decode a batch under RNGs seeded by its identity, so augmentations survive a resume."""
         seed = derive_seed("batch", self.config.seed, epoch, self.topology.rank, worker, batch_index)
-        rng = random.Random(seed)
-        decoded = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed % (1 << 63))
-            for raw in raw_samples:
-                if raw is None:
-                    continue  # unreadable: already counted by the reader
-                if "__error__" in raw:
-                    stats["oversized_samples"] += 1
-                    warnings.warn(f"skipping sample {raw['__key__']} of {raw['__url__']}: {raw['__error__']}")
-                    continue
-                try:
-                    sample = self.decode(raw, rng)
-                except Exception as exc:  # a bad sample must never stop training
-                    stats["decode_errors"] += 1
-                    warnings.warn(f"skipping sample {raw.get('__key__')} of {raw.get('__url__')}: {exc!r}")
-                    continue
-                if sample is None:
-                    stats["decode_errors"] += 1
-                    continue
-                decoded.append(sample)
-        stats["samples"] += len(decoded)
+            decoded = decode_samples(raw_samples, self.decode, random.Random(seed), stats, warnings)
         if not decoded:
             # Every sample unreadable (e.g. a missing shard): the batch keeps its place in the
             # order as None, which the trainer steps over without breaking distributed lockstep.
@@ -202,9 +161,9 @@ class _Run:
     def __init__(
         self,
         dataset: Dataset,
-        pieces: list[Piece],
+        pieces: tuple[Piece, ...],
         retry: RetryPolicy | None,
-        warnings: _RateLimitedLog,
+        warnings: RateLimitedLog,
         max_member_bytes: int,
     ) -> None:
         self.dataset = dataset
@@ -213,6 +172,8 @@ class _Run:
         self.warnings = warnings
         self.max_member_bytes = max_member_bytes
         self.failed: set[str] = set()
+        self.read_stats = ReadStats()
+        """Storage retries and reopens since the last window, moved into its counts."""
         self._open: tuple[int, int, Iterator[dict[str, Any]]] | None = None
         """(piece index, run position of its next sample, its sample iterator)."""
 
@@ -244,6 +205,7 @@ class _Run:
                     self.warnings.warn(f"skipping the rest of {shard.url}: {problem}")
                 stats["unreadable_samples"] += hi - position
             offset += len(piece)
+        count_reads(self.read_stats, stats)
         return found
 
     def _check_ended(
@@ -267,4 +229,11 @@ class _Run:
         # A piece that ends the shard reads on to its end, so a miscounted manifest shows.
         stop = None if piece.stop == shard.samples else piece.stop
         # To the piece's end: kept open.
-        return iter_samples(shard.url, first, stop, self.retry, max_member_bytes=self.max_member_bytes)
+        return iter_samples(
+            shard.url,
+            first,
+            stop,
+            self.retry,
+            max_member_bytes=self.max_member_bytes,
+            stats=self.read_stats,
+        )

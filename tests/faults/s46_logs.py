@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from streamtrain.data.remote import iter_samples
+from shardify.tarread import iter_samples
 from streamtrain.data.sample_log import read_sample_log
 
 StepLog = dict[tuple[int, int], list[str]]

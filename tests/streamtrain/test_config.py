@@ -149,3 +149,22 @@ def test_parse_overrides_nests_and_parses_yaml() -> None:
     tree, problems = parse_overrides(["a.b.c=1", "a.b.d=x y", "a.e=[1, 2]", "f="])
     assert tree == {"a": {"b": {"c": 1, "d": "x y"}, "e": [1, 2]}, "f": ""}
     assert problems == []
+
+
+def test_retry_keys_are_checked_with_their_paths(tmp_path: Path) -> None:
+    recipe = write(tmp_path, base())
+    data = load_config(recipe, ["data.retries=2", "data.retry_backoff_s=0.1"], TYPES).data
+    assert (data.retries, data.retry_backoff_s, data.retry_max_backoff_s) == (2, 0.1, 8.0)
+    bad = ["data.retries=0", "data.retry_backoff_s=-1", "data.retry_max_backoff_s=2"]
+    with pytest.raises(ConfigError) as error:
+        load_config(recipe, bad, TYPES)
+    assert error.value.problems == [
+        "data.retries: 0 must be >= 1",
+        "data.retry_backoff_s: -1.0 must be >= 0",
+    ]
+    with pytest.raises(ConfigError) as error:
+        load_config(recipe, ["data.retry_backoff_s=4", "data.retry_max_backoff_s=2", "data.retries=x"], TYPES)
+    assert error.value.problems == ["data.retries: 'x' is not int"]
+    with pytest.raises(ConfigError) as error:
+        load_config(recipe, ["data.retry_backoff_s=4", "data.retry_max_backoff_s=2"], TYPES)
+    assert error.value.problems == ["data.retry_max_backoff_s: 2.0 must be >= retry_backoff_s (4.0)"]

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from shardify.convert import ConvertOptions, convert
+from shardify.tarread import iter_samples
 from streamtrain.data.collate import collate_alignment, collate_vlm
 from streamtrain.data.decoders import CaptionDecoder, QADecoder
 from streamtrain.data.loader import StreamLoader
 from streamtrain.data.plan import Topology
-from streamtrain.data.remote import iter_samples
 from streamtrain.data.shards import resolve
 from streamtrain.data.stream import ShardStream, StreamConfig
 from streamtrain.data.transforms import AudioConfig

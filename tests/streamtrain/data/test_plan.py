@@ -1,4 +1,5 @@
-"""The epoch plan: exactly-once coverage, equal batches per rank, purity, splitting inside shards."""
+"""The epoch plan: exactly-once coverage, equal batches per rank, purity, splitting inside shards,
+and the recorded order."""
 
 from __future__ import annotations
 
@@ -7,11 +8,12 @@ from collections import Counter
 
 import pytest
 
+from streamtrain.data.dataset import Dataset, ShardInfo, Source
 from streamtrain.data.plan import (
     PlanError,
-    ShardInfo,
     Topology,
     batches_per_rank,
+    epoch_plan,
     shard_order,
     worker_batches,
     worker_pieces,
@@ -88,3 +90,35 @@ def test_leftover_batches_rotate_between_workers() -> None:
 def test_too_little_data_is_a_clear_error() -> None:
     with pytest.raises(PlanError, match="one batch of 64"):
         batches_per_rank([ShardInfo("a", 100)], Topology(world_size=2, batch_size=64))
+
+
+# Pieces (shard, start, stop) per worker, recorded from the plan before it was one function
+# (commit 64bdba4, UNEVEN, seed 3): sample order must never move under a refactor.
+RECORDED = {
+    (Topology(2, 1, 2, 5), 1): [[(4, 15, 150)], [(4, 150, 250), (1, 0, 7), (5, 0, 28)]],
+    (Topology(3, 0, 4, 7), 5): [[(6, 0, 42)], [(6, 42, 90), (4, 0, 1)], [(4, 1, 43)], [(4, 43, 85)]],
+}
+
+
+@pytest.mark.parametrize(("topology", "epoch"), list(RECORDED))
+def test_epoch_plan_is_pure_and_keeps_the_recorded_order(topology: Topology, epoch: int) -> None:
+    plan = epoch_plan(UNEVEN, topology, 3, epoch)
+    assert [[(p.shard, p.start, p.stop) for p in w.pieces] for w in plan.workers] == RECORDED[topology, epoch]
+    assert plan == epoch_plan(UNEVEN, topology, 3, epoch)
+    assert plan.workers == epoch_plan(tuple(UNEVEN), topology, 3, epoch).workers
+    # The workers' batches tile the rank's batches, in worker order.
+    assert sum(w.batches for w in plan.workers) == plan.batches_per_rank
+    assert [w.first_batch for w in plan.workers] == [
+        sum(w.batches for w in plan.workers[:i]) for i in range(topology.readers)
+    ]
+    assert [plan.batches(i) for i in range(topology.readers)] == [w.batches for w in plan.workers]
+
+
+def test_a_dataset_of_sources_is_planned_as_its_shards_end_to_end() -> None:
+    sources = (Source("a", tuple(UNEVEN[:3])), Source("b", ()), Source("c", tuple(UNEVEN[3:])))
+    dataset = Dataset(sources, "caption")
+    assert dataset.shards == tuple(UNEVEN) and dataset.samples == sum(s.samples for s in UNEVEN)
+    for topology, epoch in RECORDED:
+        assert (
+            epoch_plan(dataset, topology, 3, epoch).workers == epoch_plan(UNEVEN, topology, 3, epoch).workers
+        )

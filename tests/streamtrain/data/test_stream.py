@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
+from shardify.bytestream import RetryPolicy
 from shardify.convert import ConvertOptions, convert
+from streamtrain.data.dataset import ShardInfo, Source
 from streamtrain.data.loader import LoaderStateError, StreamLoader
-from streamtrain.data.plan import ShardInfo, Topology
-from streamtrain.data.remote import RetryPolicy
+from streamtrain.data.plan import Topology
 from streamtrain.data.shards import Dataset, resolve
 from streamtrain.data.stream import ShardStream, StreamConfig
 from tests import factories
@@ -106,7 +107,8 @@ def test_changed_topology_is_refused(shards: Dataset) -> None:
 
 
 def test_missing_shard_is_skipped_and_counted(shards: Dataset, tmp_path: Path) -> None:
-    broken = Dataset((*shards.shards, ShardInfo(str(tmp_path / "gone.tar"), 30)), shards.schema)
+    gone = Source("gone", (ShardInfo(str(tmp_path / "gone.tar"), 30),))
+    broken = Dataset((*shards.sources, gone), shards.schema)
     topology = Topology(num_workers=0, batch_size=4)
     stream = ShardStream(
         broken,
@@ -188,3 +190,16 @@ def test_each_shard_piece_is_opened_once_per_epoch(shards: Dataset, monkeypatch:
     loader = make_loader(shards, workers=0, batch=4, buffer=4)  # many windows per shard
     take(loader, loader.stream.batches_per_epoch)
     assert len(opened) == len(set(opened)) <= len(shards.shards) + 1  # +1: a piece split at the end
+
+
+def test_a_registered_storage_backend_streams_like_local_disk(shards: Dataset) -> None:
+    from tests.storage_backends import MemoryStorage, in_memory
+
+    local_dir = Path(shards.shards[0].url).parent
+    with in_memory(local_dir) as base:
+        held = resolve(base)  # the manifest, too, is read through the backend
+        assert [s.url for s in held.shards] == [f"{base}/{Path(s.url).name}" for s in shards.shards]
+        assert take(make_loader(held, workers=0), 20) == take(make_loader(shards, workers=0), 20)
+        assert MemoryStorage.opened and all(url.startswith("mem://") for url in MemoryStorage.opened)
+        # Forked loader workers inherit the registration (and here the in-memory objects).
+        assert take(make_loader(held, workers=2), 20) == take(make_loader(shards, workers=2), 20)

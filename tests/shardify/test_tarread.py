@@ -1,4 +1,5 @@
-"""Reading samples out of tar shards: ranges, skipping, truncation, foreign tars, S3 and restarts."""
+"""Reading samples out of tar shards (tarread through bytestream): ranges, skipping, truncation,
+foreign tars, retries, S3 and restarts."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from typing import Any
 import pytest
 import s3fs
 
+from shardify import bytestream
+from shardify.bytestream import ReadStats, RetryPolicy, ShardReadError
 from shardify.convert import ConvertOptions, convert
-from streamtrain.data import remote
-from streamtrain.data.remote import ReadStats, RetryPolicy, ShardReadError, iter_samples
+from shardify.storage import LocalStorage
+from shardify.tarread import iter_samples
 from tests import factories
 
 FAST_RETRY = RetryPolicy(initial_backoff_s=0.001, max_backoff_s=0.005)
@@ -70,7 +73,7 @@ def reference(image_shard: Path) -> list[dict[str, Any]]:
 def no_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """Records the backoff waits instead of sleeping."""
     waits: list[float] = []
-    monkeypatch.setattr(remote.time, "sleep", waits.append)
+    monkeypatch.setattr(bytestream.time, "sleep", waits.append)
     return waits
 
 
@@ -83,7 +86,7 @@ def test_every_sample_matches_tarfile(image_shard: Path, reference: list, no_sle
     assert no_sleep == []
 
 
-@pytest.mark.parametrize("block_size", [remote.DEFAULT_BLOCK_SIZE, 1000])
+@pytest.mark.parametrize("block_size", [bytestream.DEFAULT_BLOCK_SIZE, 1000])
 @pytest.mark.parametrize(
     ("first", "stop"),
     [(0, None), (0, 1), (37, 52), (99, None), (99, 100), (90, 500), (100, None), (250, None), (40, 40)],
@@ -246,7 +249,7 @@ class _FlakyStorage:
 
 
 def _flaky(monkeypatch: pytest.MonkeyPatch, storage: _FlakyStorage) -> None:
-    monkeypatch.setattr(remote, "filesystem", lambda url: (storage, url))
+    monkeypatch.setattr(LocalStorage, "filesystem", lambda self, url: (storage, url))
 
 
 def test_transient_errors_resume_at_the_same_offset(
@@ -260,12 +263,12 @@ def test_transient_errors_resume_at_the_same_offset(
     _flaky(monkeypatch, storage)
     stats = ReadStats()
     policy = RetryPolicy(attempts=3, initial_backoff_s=0.1, max_backoff_s=0.3)
-    with caplog.at_level(logging.WARNING, logger=remote.__name__):
+    with caplog.at_level(logging.WARNING, logger=bytestream.__name__):
         assert read(str(image_shard), retry=policy, block_size=50_000, stats=stats) == reference
     assert stats.retries == len(no_sleep) == 5 and stats.reopens == 5 and storage.opens == 6
     assert stats.reopened_bytes > 0
     clean = ReadStats()
-    monkeypatch.setattr(remote, "filesystem", lambda url: (_FlakyStorage(), url))
+    monkeypatch.setattr(LocalStorage, "filesystem", lambda self, url: (_FlakyStorage(), url))
     read(str(image_shard), block_size=50_000, stats=clean)
     assert stats.bytes_read == clean.bytes_read and clean.retries == 0  # nothing was fetched twice
     assert all(0.05 <= wait <= 0.3 for wait in no_sleep)

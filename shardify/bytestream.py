@@ -1,0 +1,240 @@
+"""Forward reads of one stored object that ride out transient storage errors.
+
+An object is read as one forward byte stream through its storage backend (storage.py). When a
+read fails with an error the backend calls transient (reset or refused connection, timeout,
+5xx) the object is reopened at the byte offset already consumed, so nothing is read twice and
+nothing is lost; an object whose size or tag changed in between is refused, never spliced.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from shardify.storage import Failure, ObjectInfo, ReadableFile, storage_for
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BLOCK_SIZE = 1 << 20
+# A range request costs about as much as transferring 1 MB: on S3 skipping fetches whole blocks
+# (headers of small samples come along for free); on local disk a seek is nearly free, so the
+# least read is one 512-byte tar header.
+_REMOTE_SKIP_READ = 1 << 20
+_LOCAL_SKIP_READ = 512
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How reads of one object ride out transient storage errors."""
+
+    attempts: int = 6
+    """Consecutive failed tries of one read before giving up; any successful read resets the count."""
+    initial_backoff_s: float = 0.5
+    """Wait after the first failure; it doubles with every further consecutive failure."""
+    max_backoff_s: float = 8.0
+    """Ceiling of the wait between two tries."""
+    missing_attempts: int = 2
+    """Tries before a missing S3 object is reported (eventually consistent stores lag briefly)."""
+    log_interval_s: float = 30.0
+    """At most one retry warning per stream in this many seconds; the rest are counted."""
+
+    def __post_init__(self) -> None:
+        counts = ("attempts", "missing_attempts")
+        problems = [f"{name} must be at least 1" for name in counts if getattr(self, name) < 1]
+        if self.initial_backoff_s < 0 or self.max_backoff_s < self.initial_backoff_s:
+            problems.append("backoffs must satisfy 0 <= initial_backoff_s <= max_backoff_s")
+        if problems:
+            raise ValueError(f"RetryPolicy: {'; '.join(problems)}")
+
+    def backoff_s(self, failures: int) -> float:
+        """Wait before the next try after ``failures`` consecutive failures (jittered exponential)."""
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * 2 ** (failures - 1))
+        # Jitter keeps many workers that failed together from retrying in lockstep.
+        return random.uniform(ceiling / 2, ceiling)
+
+
+@dataclass
+class ReadStats:
+    """What reading cost; callers pass one in and read it afterwards (it may span many objects)."""
+
+    bytes_read: int = 0
+    """Bytes fetched from storage."""
+    bytes_skipped: int = 0
+    """Bytes seeked over without being fetched."""
+    requests: int = 0
+    """Successful reads from storage (range requests on S3)."""
+    retries: int = 0
+    """Failed tries that were retried."""
+    reopens: int = 0
+    """Times an object was reopened after an error."""
+    reopened_bytes: int = 0
+    """Offsets at which objects were reopened, summed: what restarting from zero would re-read."""
+
+
+class ShardReadError(Exception):
+    """A shard could not be read; ``reason``: missing, denied, truncated, corrupt, changed, unavailable."""
+
+    def __init__(self, url: str, reason: str, detail: str = "") -> None:
+        self.url = url
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"cannot read shard {url}: {reason}" + (f" ({detail})" if detail else ""))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.url, self.reason, self.detail)
+
+
+class RateLimitedLog:
+    """At most one warning per ``every_s`` seconds; the ones held back are counted, and the count
+    goes out with the next warning let through (a dying store must not flood the log)."""
+
+    def __init__(self, log: logging.Logger, every_s: float) -> None:
+        self.log = log
+        self.every_s = every_s
+        self.last = -float("inf")
+        self.suppressed = 0
+
+    def warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            self.suppressed += 1
+            return
+        extra = f" ({self.suppressed} similar warnings suppressed)" if self.suppressed else ""
+        self.log.warning("%s%s", message, extra)
+        self.last, self.suppressed = now, 0
+
+
+class ShardByteStream:
+    """Forward reads over one object (any registered storage) that resume where they failed."""
+
+    def __init__(
+        self,
+        url: str,
+        retry: RetryPolicy | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        stats: ReadStats | None = None,
+    ) -> None:
+        self.url = url
+        self.retry = retry or RetryPolicy()
+        self.stats = stats if stats is not None else ReadStats()
+        self.offset = 0
+        """Bytes consumed (read or skipped) so far."""
+        self._storage = storage_for(url)
+        self._block_size = block_size
+        self._skip_read = _REMOTE_SKIP_READ if self._storage.remote else _LOCAL_SKIP_READ
+        self._file: ReadableFile | None = None
+        self._file_pos = 0
+        self._identity: ObjectInfo | None = None
+        self._buffer = b""
+        self._buffer_pos = 0
+        self._failures = 0
+        self._warnings = RateLimitedLog(logger, self.retry.log_interval_s)
+
+    def close(self) -> None:
+        if self._file is not None:
+            file, self._file = self._file, None
+            try:
+                file.close()
+            except Exception:  # closing a broken connection must not hide the real error
+                logger.debug("closing %s failed", self.url, exc_info=True)
+
+    def read(self, size: int, ahead: bool = True) -> bytes:
+        """The next ``size`` bytes (fewer only at the end of the object).
+
+        ``ahead=False`` fetches no more than needed: for headers read while skipping samples.
+        """
+        start = self._buffer_pos
+        if len(self._buffer) - start >= size:
+            self._buffer_pos += size
+            self.offset += size
+            return self._buffer[start : start + size]
+        parts = [self._buffer[start:]] if start < len(self._buffer) else []
+        need = size - len(self._buffer) + start
+        position = self.offset + size - need
+        self._buffer, self._buffer_pos = b"", 0
+        while need > 0:
+            if need >= self._block_size:
+                wanted = need  # large payloads go straight into their own bytes object
+            else:
+                wanted = self._block_size if ahead else max(need, self._skip_read)
+            chunk = self._fetch(position, wanted)
+            if not chunk:
+                break
+            position += len(chunk)
+            if len(chunk) > need:
+                self._buffer, self._buffer_pos = chunk, need
+                chunk = chunk[:need]
+            parts.append(chunk)
+            need -= len(chunk)
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.offset += len(out)
+        return out
+
+    def skip(self, size: int) -> None:
+        """Move ``size`` bytes forward without fetching what lies outside the buffer."""
+        available = len(self._buffer) - self._buffer_pos
+        if size <= available:
+            self._buffer_pos += size
+        else:
+            self.stats.bytes_skipped += size - available
+            self._buffer, self._buffer_pos = b"", 0
+        self.offset += size
+
+    def _fetch(self, position: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``position``, reopening the object after transient errors."""
+        while True:
+            try:
+                if self._file is None:
+                    self._file = self._open(position)
+                if self._file_pos != position:
+                    self._file.seek(position)
+                    self._file_pos = position
+                data = self._file.read(size)
+            except Exception as exc:
+                kind = self._storage.failure(exc)
+                if kind is None:
+                    raise
+                self._handle_failure(exc, kind, position)
+                continue
+            self._file_pos += len(data)
+            self.stats.bytes_read += len(data)
+            self.stats.requests += 1
+            if self._failures:
+                logger.info("%s: reading at byte %d after %d failures", self.url, position, self._failures)
+                self._failures = 0
+            return data
+
+    def _open(self, position: int) -> ReadableFile:
+        file, identity = self._storage.open(self.url)
+        if self._identity is not None:
+            self.stats.reopens += 1
+            self.stats.reopened_bytes += position
+            if identity != self._identity:
+                file.close()
+                was, now = self._identity, identity
+                detail = f"size/ETag {(was.size, was.etag)} became {(now.size, now.etag)}"
+                raise ShardReadError(self.url, "changed", detail)
+        self._identity = identity
+        self._file_pos = 0
+        return file
+
+    def _handle_failure(self, exc: Exception, kind: Failure, position: int) -> None:
+        """Count the failure and wait before the next try, or raise ShardReadError when out of tries."""
+        self.close()
+        self._failures += 1
+        # Local files do not appear late; on S3 a fresh object may be listed before it can be read.
+        missing = self.retry.missing_attempts if self._storage.remote else 1
+        limit = missing if kind is Failure.MISSING else self.retry.attempts if kind.retried else 1
+        if self._failures >= limit:
+            reason = "unavailable" if kind.retried else kind.value
+            raise ShardReadError(self.url, reason, f"{type(exc).__name__}: {exc}") from exc
+        self.stats.retries += 1
+        delay = self.retry.backoff_s(self._failures)
+        retrying = f"retry {self._failures} of {limit - 1} in {delay:.2f}s"
+        self._warnings.warn(
+            f"{self.url}: {kind.value} at byte {position} ({type(exc).__name__}: {exc}); {retrying}"
+        )
+        time.sleep(delay)

@@ -1,0 +1,62 @@
+"""What the data is: sources, each an ordered run of shards with exact sample counts.
+
+``data.train: [pixmo, laion]`` resolves (shards.py) to a Dataset of two Sources, each keeping its
+name and its shards. The plan reads the shards of all sources laid end to end
+(``Dataset.shards``), so sample order, resume state and fingerprint are those of that flat list;
+keeping the sources apart is what lets a plan decide how many samples of each a batch holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass, field
+from functools import cached_property
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard and its exact sample count (from the manifest)."""
+
+    url: str
+    samples: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """One entry of ``data.train`` / ``data.eval`` and its shards, in order."""
+
+    name: str = field(compare=False)
+    """The entry as written (a directory, a manifest, a brace pattern). A label only: the same
+    output named by its directory or by its manifest is the same source."""
+    shards: tuple[ShardInfo, ...]
+
+    @property
+    def samples(self) -> int:
+        return sum(shard.samples for shard in self.shards)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The sources of one data list, in order."""
+
+    sources: tuple[Source, ...]
+    schema: str
+
+    @cached_property
+    def shards(self) -> tuple[ShardInfo, ...]:
+        """Every source's shards, laid end to end in source order."""
+        return tuple(itertools.chain.from_iterable(source.shards for source in self.sources))
+
+    @property
+    def samples(self) -> int:
+        return sum(shard.samples for shard in self.shards)
+
+    def fingerprint(self) -> str:
+        """Identifies the shard list; a resumed run refuses a different one.
+
+        Only the flat list counts (not how it is split into sources), so a loader state saved
+        before sources were kept apart resumes unchanged.
+        """
+        text = "\n".join(f"{s.url}\t{s.samples}" for s in self.shards)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
