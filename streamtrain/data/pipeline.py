@@ -16,13 +16,16 @@ from streamtrain.data.eval import EvalStream, eval_batches
 from streamtrain.data.loader import StreamLoader
 from streamtrain.data.plan import Topology
 from streamtrain.data.sample_log import SampleLog
-from streamtrain.data.shards import resolve
+from streamtrain.data.shards import DataSourceError, resolve
 from streamtrain.data.stream import Collate, Decode, ShardStream, StreamConfig
 
 
-def resolve_sources(sources: str | list[str]) -> Dataset:
-    """The shards ``data.train`` / ``data.eval`` name, with exact counts (DataSourceError if not)."""
-    return resolve(sources)
+def resolve_sources(sources: str | list[str], key: str = "data.train") -> Dataset:
+    """The shards config key ``key`` names, with exact counts; DataSourceError naming ``key`` if not."""
+    try:
+        return resolve(sources)
+    except DataSourceError as exc:
+        raise DataSourceError(f"{key}: {exc}") from None
 
 
 def train_loader(

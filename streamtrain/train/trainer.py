@@ -73,8 +73,8 @@ class Trainer:
     def _setup(self) -> None:
         config, backend = self.config, self.backend
         # Data sources first: a typo in a path should fail in a second, not after model loading.
-        self.train_data = resolve_sources(config.data.train)
-        self.eval_data = resolve_sources(config.data.eval) if config.data.eval else None
+        self.train_data = resolve_sources(config.data.train, "data.train")
+        self.eval_data = resolve_sources(config.data.eval, "data.eval") if config.data.eval else None
         resume_from = self.checkpoints.find_resume(config.train.resume)
         set_seed(config.train.seed)
         model = self.task.build_model()
