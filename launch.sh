@@ -95,10 +95,10 @@ run_train() {
       --num_processes "$total" --main_process_ip "$master_addr" --main_process_port "$master_port" \
       --dynamo_backend no -m streamtrain.cli train "$@"
   elif (( nnodes == 1 )); then
-    exec "$VENV/bin/python" -m torch.distributed.run --standalone --nproc_per_node "$nproc" \
+    exec "$VENV/bin/python" -m streamtrain.launch --standalone --nproc_per_node "$nproc" \
       -m streamtrain.cli train "$@"
   else
-    exec "$VENV/bin/python" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$node_rank" \
+    exec "$VENV/bin/python" -m streamtrain.launch --nnodes "$nnodes" --node_rank "$node_rank" \
       --nproc_per_node "$nproc" --master_addr "$master_addr" --master_port "$master_port" \
       -m streamtrain.cli train "$@"
   fi

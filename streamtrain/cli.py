@@ -7,6 +7,7 @@ streamtrain config CONFIG [key=value ...]    print the resolved, validated confi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 EPILOG = """\
@@ -18,7 +19,8 @@ train.weight_decay, train.max_grad_norm, train.mixed_precision, train.resume (au
 train.deepspeed, checkpoint.every_steps, checkpoint.keep_last, checkpoint.keep_every_steps,
 eval.every_steps, log.trackers. Several processes: start this under accelerate launch or
 torchrun (./launch.sh does it from NNODES/NPROC_PER_NODE/... or Slurm's variables).
-Exit status: 0 done, 2 bad config or input, 1 failure during training.
+Exit status: 0 done, 2 bad config or input (or output_dir in use by another run), 1 failure
+during training, 143 / 130 stopped by SIGTERM / SIGINT after writing a checkpoint.
 """
 
 
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from streamtrain.config import ConfigError, load_config
     from streamtrain.errors import TrainingError, UserError
     from streamtrain.tasks import TASKS, model_types
+    from streamtrain.train.stopping import Stopped
     from streamtrain.train.trainer import Trainer
 
     console.adopt_library_loggers()
@@ -67,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"streamtrain: {exc}", file=sys.stderr)
         return 2
+    except Stopped as exc:  # SIGTERM / SIGINT: the checkpoint of the agreed step is written
+        if os.environ.get("RANK", "0") == "0":
+            print(f"streamtrain: {exc}", file=sys.stderr)
+        return exc.exit_status
     except UserError as exc:  # config, paths, input data, the checkpoint to resume
         print(f"streamtrain: error: {exc}", file=sys.stderr)
         return 2

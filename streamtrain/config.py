@@ -122,6 +122,14 @@ class TrainConfig:
     """DeepSpeed JSON config (e.g. configs/deepspeed/zero2.json); plain DDP when unset."""
     seed: int = 0
     """Seeds model initialisation, data order and augmentations."""
+    checkpoint_on_signal: bool = True
+    """SIGTERM or SIGINT (preemption, Ctrl-C): every rank finishes its optimizer step, they agree
+    on that step, write its checkpoint and exit 143 / 130; a second signal exits at once. false:
+    the signal ends the run where it is (the newest checkpoint stays the resume point)."""
+    claim_lease_s: float = 60.0
+    """output_dir is claimed by one job at a time (output_dir/.claim.json, renewed every quarter
+    of this): a second job is refused while the claim lives; a claim whose holder died is taken
+    over at once on the same host, or once its heartbeat is this many seconds old."""
     collective_timeout_s: float = 1800.0
     """Several processes: how long a rank waits in a collective (gradient exchange, barrier)
     for the others. A rank that died or hangs then ends the job with an error on every rank
@@ -129,8 +137,9 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         found = _at_least(self, ("max_steps", 1), ("batch_size", 1), ("grad_accum_steps", 1))
-        if self.collective_timeout_s <= 0:
-            found.append(f"collective_timeout_s: {self.collective_timeout_s} must be > 0")
+        for name in ("collective_timeout_s", "claim_lease_s"):
+            if getattr(self, name) <= 0:
+                found.append(f"{name}: {getattr(self, name)} must be > 0")
         found += _at_least(self, ("warmup_steps", 0))
         if self.lr <= 0:
             found.append(f"lr: {self.lr} must be > 0")

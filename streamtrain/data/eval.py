@@ -20,7 +20,7 @@ from shardify.bytestream import RateLimitedLog, ReadStats, RetryPolicy, ShardRea
 from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES, iter_samples
 from streamtrain.data.counts import Collate, Decode, count_reads, decode_samples
 from streamtrain.data.dataset import Dataset
-from streamtrain.data.loader import stop_workers
+from streamtrain.data.loader import leave_stop_signals_to_the_rank, stop_workers
 from streamtrain.data.plan import slice_sequence
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,9 @@ class EvalStream(IterableDataset):
 def eval_batches(stream: EvalStream, num_workers: int) -> Iterator[tuple[Any, dict[str, int]]]:
     """Iterate ``stream`` with ``num_workers`` loader processes (batches in any order)."""
     workers = max(0, min(num_workers, stream.total // max(1, stream.world_size)))
-    loader = DataLoader(stream, batch_size=None, num_workers=workers)
+    loader = DataLoader(
+        stream, batch_size=None, num_workers=workers, worker_init_fn=leave_stop_signals_to_the_rank
+    )
     iterator = iter(loader)
     try:
         yield from iterator

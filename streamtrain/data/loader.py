@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import signal
 import weakref
 from collections import Counter
 from collections.abc import Iterator
@@ -34,9 +35,24 @@ def stop_workers(iterator: object) -> None:
     Infinite workers never finish on their own, and a finite pass abandoned half-way would keep
     its workers until garbage collection; DataLoader has no public call for this.
     """
+    workers = list(getattr(iterator, "_workers", []))
     shutdown = getattr(iterator, "_shutdown_workers", None)
     if shutdown is not None:
         shutdown()
+    for worker in workers:  # one that did not take the stop request (it ignores SIGTERM too)
+        if worker.is_alive():
+            worker.kill()
+
+
+def leave_stop_signals_to_the_rank(worker_id: int) -> None:
+    """``worker_init_fn`` of every loader: workers ignore SIGINT and SIGTERM.
+
+    A terminal's Ctrl-C reaches the whole process group and some schedulers signal every
+    process of a job; the rank decides when to stop (after a checkpoint) and its workers
+    end with it (they watch their parent), so a signal must not take a worker from under it.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class LoaderStateError(UserError):
@@ -94,6 +110,7 @@ class StreamLoader:
                 prefetch_factor=self.prefetch_factor if workers else None,
                 pin_memory=self.pin_memory,
                 persistent_workers=False,
+                worker_init_fn=leave_stop_signals_to_the_rank,
             )
             self._iterator = iter(loader)
             _RUNNING.add(self)

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from streamtrain.distributed import all_reduce_sum, world_size
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -51,6 +53,44 @@ class JsonlTracker:
 
     def finish(self) -> None:
         self._handle.close()
+
+
+class StepWindow:
+    """Counters of the optimizer steps since the last log line, on this rank."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.samples = 0
+        self.data_wait = 0.0
+        self.elapsed = 0.0
+        self.grad_norm: float | None = None
+
+    def metrics(
+        self, read_stats: dict[str, int], lr: float, epoch: float, extras: dict[str, float]
+    ) -> dict[str, float]:
+        """The log line of this window, summed over ranks (a collective: every rank calls it)."""
+        totals = all_reduce_sum(
+            {
+                "loss": sum(self.losses),
+                "steps": len(self.losses),
+                "samples": self.samples,
+                "data_wait": self.data_wait,
+                "elapsed": self.elapsed,
+                **{f"data/{key}": value for key, value in read_stats.items()},
+            }
+        )
+        metrics = {
+            "train/loss": totals.pop("loss") / max(1.0, totals.pop("steps")),
+            "train/lr": lr,
+            "train/samples_per_s": totals["samples"] / max(1e-9, totals["elapsed"] / world_size()),
+            "train/data_wait_fraction": totals["data_wait"] / max(1e-9, totals["elapsed"]),
+            "train/epoch": epoch,
+            **{f"train/{key}": value for key, value in extras.items()},
+            **{key: value for key, value in totals.items() if key.startswith("data/")},
+        }
+        if self.grad_norm is not None:
+            metrics["train/grad_norm"] = self.grad_norm
+        return metrics
 
 
 def _plain(value: Any) -> Any:

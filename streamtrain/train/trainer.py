@@ -28,12 +28,14 @@ from streamtrain.data.loader import StreamLoader
 from streamtrain.data.pipeline import held_out_batches, resolve_sources, train_loader
 from streamtrain.distributed import all_reduce_sum
 from streamtrain.errors import TrainingError, UserError
+from streamtrain.train import stopping
 from streamtrain.train.backend import Backend
 from streamtrain.train.checkpoint import CONFIG_FILE
 from streamtrain.train.checkpoint_manager import CheckpointManager
+from streamtrain.train.claim import claim_output
 from streamtrain.train.optim import build_optimizer, build_scheduler
 from streamtrain.train.task import Task
-from streamtrain.train.tracking import JsonlTracker
+from streamtrain.train.tracking import JsonlTracker, StepWindow
 
 STATE_VERSION = 1
 
@@ -52,6 +54,7 @@ class Trainer:
         self.jsonl: JsonlTracker | None = None
         self._stand_in: dict[str, Any] | None = None
         """The last batch this rank trained on (see _backward_without_data)."""
+        self.stops = stopping.StopRequests()
         chosen = config.checkpoint
         self.checkpoints = CheckpointManager(
             self.output_dir,
@@ -114,13 +117,31 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def fit(self) -> dict[str, float]:
-        """Train to ``train.max_steps`` (continuing a checkpoint if there is one); final eval metrics."""
-        self._setup()
+        """Train to ``train.max_steps`` (continuing a checkpoint if there is one); final eval metrics.
+
+        Raises ``Stopped`` after writing the checkpoint of the step a stop signal ended.
+        """
+        stopping.watch_launcher()
+        if self.config.train.checkpoint_on_signal:
+            self.stops.install()
+        claim = claim_output(self.output_dir, self.config.train.claim_lease_s)
+        try:
+            self._setup()
+            return self._loop()
+        finally:
+            self.stops.uninstall()
+            if claim is not None:
+                claim.release()
+
+    def _loop(self) -> dict[str, float]:
         config, max_steps = self.config, self.config.train.max_steps
         if self.step >= max_steps:
             self._print(f"already trained to step {self.step} (train.max_steps={max_steps}); nothing to do")
             self._finish()
             return self.last_eval
+        if self._agreed_stop():  # asked to stop while setting up: nothing new to save
+            self._finish()
+            raise stopping.stopped_after(self._agreed_stop(), self.step, None, 0.0)
         bar = tqdm(
             total=max_steps,
             initial=self.step,
@@ -129,25 +150,40 @@ class Trainer:
             dynamic_ncols=True,
             disable=not (self.is_main and config.log.progress_bar),
         )
-        window = _Window()
+        window = StepWindow()
         self.model.train()
         while self.step < max_steps:
             loss, extras = self._train_step(window)
             self.step += 1
+            signum = self._agreed_stop()
             last = self.step == max_steps
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            if self.step % config.log.every_steps == 0 or last:
+            if self.step % config.log.every_steps == 0 or last or signum:
                 self._log_train(window, extras)
-                window = _Window()
-            if self.eval_data is not None and (last or _every(self.step, config.eval.every_steps)):
+                window = StepWindow()
+            # A stop skips an evaluation that is due: the grace period is for the checkpoint.
+            if (
+                self.eval_data is not None
+                and not signum
+                and (last or _every(self.step, config.eval.every_steps))
+            ):
                 self._evaluate()
-            self.checkpoints.save(self.step, force=last)
+            started = time.monotonic()
+            saved = self.checkpoints.save(self.step, force=last or bool(signum))
+            if signum:
+                bar.close()
+                self._finish(stopped=True)
+                raise stopping.stopped_after(signum, self.step, saved, time.monotonic() - started)
         bar.close()
         self._finish()
         return self.last_eval
 
-    def _train_step(self, window: _Window) -> tuple[float, dict[str, float]]:
+    def _agreed_stop(self) -> int:
+        """The stop signal some rank received (0: none), the same on every rank."""
+        return self.stops.agreed() if self.config.train.checkpoint_on_signal else 0
+
+    def _train_step(self, window: StepWindow) -> tuple[float, dict[str, float]]:
         acc = self.backend.accelerator
         started = time.perf_counter()
         losses, extras = [], {}
@@ -211,30 +247,9 @@ class Trainer:
 
     # -- logging and evaluation ----------------------------------------------------------------
 
-    def _log_train(self, window: _Window, extras: dict[str, float]) -> None:
-        totals = all_reduce_sum(
-            {
-                "loss": sum(window.losses),
-                "steps": len(window.losses),
-                "samples": window.samples,
-                "data_wait": window.data_wait,
-                "elapsed": window.elapsed,
-                **{f"data/{key}": value for key, value in self.train_loader.read_stats.items()},
-            }
-        )
-        ranks = self.backend.accelerator.num_processes
-        metrics = {
-            "train/loss": totals.pop("loss") / max(1.0, totals.pop("steps")),
-            "train/lr": self.scheduler.get_last_lr()[0],
-            "train/samples_per_s": totals["samples"] / max(1e-9, totals["elapsed"] / ranks),
-            "train/data_wait_fraction": totals["data_wait"] / max(1e-9, totals["elapsed"]),
-            "train/epoch": self.train_loader.epoch,
-            **{f"train/{key}": value for key, value in extras.items()},
-            **{key: value for key, value in totals.items() if key.startswith("data/")},
-        }
-        if window.grad_norm is not None:
-            metrics["train/grad_norm"] = window.grad_norm
-        self._log(metrics)
+    def _log_train(self, window: StepWindow, extras: dict[str, float]) -> None:
+        lr, epoch = self.scheduler.get_last_lr()[0], self.train_loader.epoch
+        self._log(window.metrics(self.train_loader.read_stats, lr, epoch, extras))
 
     def _log(self, metrics: dict[str, float]) -> None:
         self.backend.accelerator.log(metrics, step=self.step)
@@ -291,10 +306,10 @@ class Trainer:
         self.checkpoints.best = dict(state.get("best") or {})
         self.last_eval = dict(state.get("last_eval") or {})
 
-    def _finish(self) -> None:
+    def _finish(self, stopped: bool = False) -> None:
         acc = self.backend.accelerator
         self.train_loader.shutdown()
-        if self.is_main and self.last_eval:
+        if self.is_main and self.last_eval and not stopped:
             (self.output_dir / "final_metrics.json").write_text(
                 json.dumps({"step": self.step, **self.last_eval}, indent=2) + "\n"
             )
@@ -308,17 +323,6 @@ class Trainer:
     def _print(self, message: str) -> None:
         if self.is_main:
             tqdm.write(message)
-
-
-class _Window:
-    """Counters of the steps since the last log line."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-        self.samples = 0
-        self.data_wait = 0.0
-        self.elapsed = 0.0
-        self.grad_norm: float | None = None
 
 
 def _every(step: int, interval: int) -> bool:

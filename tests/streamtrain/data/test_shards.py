@@ -109,7 +109,9 @@ def test_unreachable_endpoint_ends_train_with_one_line(refused_endpoint: str, tm
     errors = [line for line in result.stderr.splitlines() if line.startswith("streamtrain:")]
     assert len(errors) == 1 and result.stderr.rstrip().endswith(errors[0]), result.stderr[-3000:]
     line = errors[0]
-    assert line.startswith(f"streamtrain: error: cannot reach the S3 endpoint {refused_endpoint}"), line
+    assert line.startswith(
+        f"streamtrain: error: data.train: cannot reach the S3 endpoint {refused_endpoint}"
+    ), line
     for needle in ("AWS_ENDPOINT_URL", "s3://bucket/pixmo", "credentials", "network"):
         assert needle in line, line
     waited = re.search(r"no connection after (\d+) tries in ([0-9.]+) s", line)

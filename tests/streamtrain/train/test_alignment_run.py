@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from streamtrain.config import load_config
@@ -82,6 +83,7 @@ def test_in_process_run_trains_evaluates_and_checkpoints(
     assert Trainer(config, TASKS["alignment"](config)).fit()["eval/samples"] == 64
 
 
+@pytest.mark.timeout(900)  # a fresh clone JIT-builds DeepSpeed's CPU comm op first (1-4 min here)
 def test_two_process_deepspeed_zero2_saves_and_resumes(
     digits_shards: dict[str, Path], tmp_path: Path
 ) -> None:

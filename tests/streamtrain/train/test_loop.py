@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from streamtrain.config import RunConfig, build_config
 from streamtrain.data.sample_log import read_sample_log
 from streamtrain.train import checkpoint
 from streamtrain.train.optim import lr_factor
+from streamtrain.train.stopping import Stopped
 from streamtrain.train.task import Task
 from streamtrain.train.tracking import read_metrics
 from streamtrain.train.trainer import Trainer
@@ -66,9 +69,12 @@ class ToyTask(Task):
 
     ModelConfig = ToyModelConfig
 
-    def __init__(self, config: RunConfig, crash_at_step: int | None = None) -> None:
+    def __init__(
+        self, config: RunConfig, crash_at_step: int | None = None, signal_at_step: int | None = None
+    ) -> None:
         super().__init__(config)
         self.crash_at_step = crash_at_step
+        self.signal_at_step = signal_at_step
 
     def build_model(self) -> nn.Module:
         return nn.Linear(self.config.model.features, 1)
@@ -88,6 +94,8 @@ class ToyTask(Task):
     ) -> tuple[torch.Tensor, dict[str, float]]:
         if step == self.crash_at_step:
             raise Crash(f"crashed in step {step + 1}")
+        if step == self.signal_at_step:  # preempted in the middle of this step
+            os.kill(os.getpid(), signal.SIGTERM)
         # Scaled up so that gradients are large: clipping has something to do.
         loss = 100.0 * nn.functional.mse_loss(model(batch["x"]), batch["y"])
         return loss, {"toy_extra": float(step)}
@@ -133,6 +141,26 @@ def toy_config(shards: Path, output: Path, **overrides: Any) -> RunConfig:
 
 def run(config: RunConfig, crash_at_step: int | None = None) -> dict[str, float]:
     return Trainer(config, ToyTask(config, crash_at_step)).fit()
+
+
+def test_a_stop_signal_checkpoints_its_step_and_the_resume_equals_an_uninterrupted_run(
+    toy_shards: Path, tmp_path: Path
+) -> None:
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    settings = {"checkpoint__every_steps": 0, "eval__every_steps": 0}
+    run(toy_config(toy_shards, whole, data__sample_log=str(whole / "samples.jsonl"), **settings))
+    config = toy_config(toy_shards, parts, data__sample_log=str(parts / "samples.jsonl"), **settings)
+    with pytest.raises(Stopped) as stopped:
+        Trainer(config, ToyTask(config, signal_at_step=2)).fit()  # SIGTERM inside step 3
+    assert stopped.value.exit_status == 143 and stopped.value.step == 3
+    assert "stopped by SIGTERM after step 3" in str(stopped.value)
+    assert [path.name for _, path in checkpoint.step_dirs(parts)] == ["step-00000003"]
+    assert checkpoint.is_complete(parts / "step-00000003")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+    run(config)
+    assert read_sample_log(parts / "samples.jsonl") == read_sample_log(whole / "samples.jsonl")
+    for name, tensor in load_file(whole / "step-00000006" / "model.safetensors").items():
+        torch.testing.assert_close(load_file(parts / "step-00000006" / "model.safetensors")[name], tensor)
 
 
 @pytest.fixture
