@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 EPILOG = """\
 Overrides use dotted keys and YAML values, e.g.
@@ -48,8 +49,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _claimed_elsewhere(recipe: str, overrides: list[str]) -> str | None:
+    """The live job holding the recipe's output_dir, found before the slow imports (torch,
+    transformers: 10-20 s) so that a second job is refused in a second or two. A peek only:
+    the config is validated, and the claim taken, later; anything unclear here is left to them."""
+    import yaml
+
+    from streamtrain.train.claim import DEFAULT_LEASE_S, OutputClaim
+
+    try:
+        raw = yaml.safe_load(Path(recipe).read_text())
+        values = {"output_dir": raw.get("output_dir"), "lease": (raw.get("train") or {}).get("claim_lease_s")}
+        for item in overrides:
+            key, _, text = item.partition("=")
+            if key in ("output_dir", "train.claim_lease_s"):
+                values["output_dir" if key == "output_dir" else "lease"] = yaml.safe_load(text)
+        output, lease = Path(str(values["output_dir"])), float(values["lease"] or DEFAULT_LEASE_S)
+    except (OSError, ValueError, TypeError, AttributeError, yaml.YAMLError):
+        return None
+    if not values["output_dir"] or os.environ.get("RANK", "0") != "0" or not output.is_dir():
+        return None
+    return OutputClaim(output, lease).live_holder()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "train" and (holder := _claimed_elsewhere(args.config, args.overrides)):
+        print(f"streamtrain: error: {holder}", file=sys.stderr)
+        return 2
     from streamtrain import console
 
     console.quiet_third_party()

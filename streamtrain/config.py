@@ -21,6 +21,7 @@ import yaml
 
 from streamtrain.data.transforms import AudioConfig
 from streamtrain.errors import UserError
+from streamtrain.train.claim import DEFAULT_LEASE_S
 
 
 class ConfigError(UserError):
@@ -126,7 +127,7 @@ class TrainConfig:
     """SIGTERM or SIGINT (preemption, Ctrl-C): every rank finishes its optimizer step, they agree
     on that step, write its checkpoint and exit 143 / 130; a second signal exits at once. false:
     the signal ends the run where it is (the newest checkpoint stays the resume point)."""
-    claim_lease_s: float = 60.0
+    claim_lease_s: float = DEFAULT_LEASE_S
     """output_dir is claimed by one job at a time (output_dir/.claim.json, renewed every quarter
     of this): a second job is refused while the claim lives; a claim whose holder died is taken
     over at once on the same host, or once its heartbeat is this many seconds old."""

@@ -1,1 +1,1 @@
-"""Training: the loop, checkpoints and distributed helpers."""
+"""Training: the step loop, its backend, checkpoints, stopping and the output_dir claim."""

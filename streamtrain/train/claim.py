@@ -21,10 +21,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from streamtrain import distributed
 from streamtrain.errors import UserError
 
 CLAIM_FILE = ".claim.json"
+DEFAULT_LEASE_S = 60.0
+"""train.claim_lease_s unless a recipe sets it."""
 
 
 class OutputInUse(UserError):
@@ -97,6 +98,13 @@ class OutputClaim:
                 aside.unlink()
         holder = self._read()
         raise OutputInUse(self._describe(holder) if holder else f"{self.path} keeps changing hands")
+
+    def live_holder(self) -> str | None:
+        """Who holds the claim now, if its holder is alive (a read-only look; acquire decides)."""
+        holder = self._read()
+        if holder is None or self._stale(holder) is not None:
+            return None
+        return self._describe(holder)
 
     def _create(self) -> bool:
         try:
@@ -171,6 +179,8 @@ def claim_output(output_dir: Path, lease_s: float) -> OutputClaim | None:
 
     Returns the claim on rank 0 (to release at the end), None on the other ranks.
     """
+    from streamtrain import distributed  # torch: not needed by live_holder's early check
+
     claim = OutputClaim(output_dir, lease_s) if distributed.rank() == 0 else None
     refusal = ""
     if claim is not None:

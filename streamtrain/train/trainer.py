@@ -32,7 +32,7 @@ from streamtrain.train import stopping
 from streamtrain.train.backend import Backend
 from streamtrain.train.checkpoint import CONFIG_FILE
 from streamtrain.train.checkpoint_manager import CheckpointManager
-from streamtrain.train.claim import claim_output
+from streamtrain.train.claim import OutputClaim, claim_output
 from streamtrain.train.optim import build_optimizer, build_scheduler
 from streamtrain.train.task import Task
 from streamtrain.train.tracking import JsonlTracker, StepWindow
@@ -55,6 +55,8 @@ class Trainer:
         self._stand_in: dict[str, Any] | None = None
         """The last batch this rank trained on (see _backward_without_data)."""
         self.stops = stopping.StopRequests()
+        self.claim: OutputClaim | None = None
+        """This job's claim on output_dir (rank 0 only)."""
         chosen = config.checkpoint
         self.checkpoints = CheckpointManager(
             self.output_dir,
@@ -124,14 +126,14 @@ class Trainer:
         stopping.watch_launcher()
         if self.config.train.checkpoint_on_signal:
             self.stops.install()
-        claim = claim_output(self.output_dir, self.config.train.claim_lease_s)
+        self.claim = claim_output(self.output_dir, self.config.train.claim_lease_s)
         try:
             self._setup()
             return self._loop()
         finally:
             self.stops.uninstall()
-            if claim is not None:
-                claim.release()
+            if self.claim is not None:
+                self.claim.release()
 
     def _loop(self) -> dict[str, float]:
         config, max_steps = self.config, self.config.train.max_steps
@@ -139,9 +141,9 @@ class Trainer:
             self._print(f"already trained to step {self.step} (train.max_steps={max_steps}); nothing to do")
             self._finish()
             return self.last_eval
-        if self._agreed_stop():  # asked to stop while setting up: nothing new to save
+        if signum := self._agreed_stop():  # asked to stop while setting up: nothing new to save
             self._finish()
-            raise stopping.stopped_after(self._agreed_stop(), self.step, None, 0.0)
+            raise stopping.stopped_after(signum, self.step, None, 0.0)
         bar = tqdm(
             total=max_steps,
             initial=self.step,
@@ -156,6 +158,11 @@ class Trainer:
             loss, extras = self._train_step(window)
             self.step += 1
             signum = self._agreed_stop()
+            if self.claim is not None and self.claim.lost:
+                raise TrainingError(
+                    f"another run took over {self.output_dir} (this run's claim went unrenewed past "
+                    f"train.claim_lease_s={config.train.claim_lease_s}); stopping without writing more"
+                )
             last = self.step == max_steps
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)

@@ -72,7 +72,8 @@ def test_a_claim_whose_process_died_on_this_host_is_taken_over_at_once(tmp_path:
     )
     holder(tmp_path, host=socket.gethostname(), pid=int(dead.stdout), heartbeat=time.time())
     taker = OutputClaim(tmp_path, lease_s=3600)
-    taker.acquire()
+    taker.acquire()  # raises OutputInUse if the dead holder's fresh heartbeat were trusted
+    assert json.loads((tmp_path / CLAIM_FILE).read_text())["token"] == taker.token
     taker.release()
 
 
@@ -93,3 +94,23 @@ def test_an_output_dir_that_is_a_file_is_a_user_error(tmp_path: Path) -> None:
     a_file.write_text("x")
     with pytest.raises(UserError, match="exists and is not a directory"):
         OutputClaim(a_file, lease_s=60).acquire()
+
+
+def test_the_command_line_refuses_a_live_claim_before_its_slow_imports(tmp_path: Path) -> None:
+    from streamtrain.cli import _claimed_elsewhere
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"task: alignment\noutput_dir: {tmp_path / 'elsewhere'}\ntrain: {{claim_lease_s: 30}}\n"
+    )
+    out = tmp_path / "run"
+    claim = OutputClaim(out, lease_s=30)
+    claim.acquire()
+    try:
+        found = _claimed_elsewhere(str(recipe), [f"output_dir={out}", "train.max_steps=3"])
+        assert found is not None and f"pid {os.getpid()}" in found
+        assert _claimed_elsewhere(str(recipe), []) is None  # the recipe's own output_dir is free
+        assert _claimed_elsewhere(str(tmp_path / "missing.yaml"), [f"output_dir={out}"]) is None
+    finally:
+        claim.release()
+    assert _claimed_elsewhere(str(recipe), [f"output_dir={out}"]) is None
