@@ -75,6 +75,8 @@ class ToyTask(Task):
         super().__init__(config)
         self.crash_at_step = crash_at_step
         self.signal_at_step = signal_at_step
+        self.handlers: list[Any] = []
+        """SIGTERM's handler at every loss call."""
 
     def build_model(self) -> nn.Module:
         return nn.Linear(self.config.model.features, 1)
@@ -96,6 +98,7 @@ class ToyTask(Task):
             raise Crash(f"crashed in step {step + 1}")
         if step == self.signal_at_step:  # preempted in the middle of this step
             os.kill(os.getpid(), signal.SIGTERM)
+        self.handlers.append(signal.getsignal(signal.SIGTERM))
         # Scaled up so that gradients are large: clipping has something to do.
         loss = 100.0 * nn.functional.mse_loss(model(batch["x"]), batch["y"])
         return loss, {"toy_extra": float(step)}
@@ -269,3 +272,14 @@ def test_resume_from_the_manager_equals_an_uninterrupted_run(toy_shards: Path, t
     assert resumed["eval/loss"] == pytest.approx(
         json.loads((whole / "final_metrics.json").read_text())["eval/loss"], rel=1e-6
     )
+
+
+def test_checkpoint_on_signal_false_leaves_the_signals_alone(toy_shards: Path, tmp_path: Path) -> None:
+    config = toy_config(toy_shards, tmp_path / "run", train__checkpoint_on_signal=False, eval__every_steps=0)
+    task = ToyTask(config)
+    Trainer(config, task).fit()
+    assert task.handlers and all(handler is signal.SIG_DFL for handler in task.handlers)
+    config = toy_config(toy_shards, tmp_path / "other", eval__every_steps=0)
+    task = ToyTask(config)
+    Trainer(config, task).fit()
+    assert task.handlers and all(handler is not signal.SIG_DFL for handler in task.handlers)
