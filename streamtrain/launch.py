@@ -27,8 +27,11 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         codes = {failure.exitcode for failure in exc.failures.values()}
-        if codes <= _STOPPED:  # every rank that ended early was stopped by a signal
-            return max(codes)
+        # Ranks that stopped exit 143 / 130 once every rank has passed the checkpoint's last
+        # barrier; torchrun then SIGTERMs the others, which may be past their handler (-15).
+        stopped = codes & _STOPPED
+        if stopped and codes <= _STOPPED | {-15, -2}:
+            return max(stopped)
         print(exc.format_msg(), file=sys.stderr)
         return 1
     return 0

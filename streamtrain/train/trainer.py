@@ -80,6 +80,8 @@ class Trainer:
         # Data sources first: a typo in a path should fail in a second, not after model loading.
         self.train_data = resolve_sources(config.data.train, "data.train")
         self.eval_data = resolve_sources(config.data.eval, "data.eval") if config.data.eval else None
+        # Before anything in output_dir is touched (stale folders removed, logs rewound).
+        self.claim = claim_output(self.output_dir, config.train.claim_lease_s)
         resume_from = self.checkpoints.find_resume(config.train.resume)
         set_seed(config.train.seed)
         model = self.task.build_model()
@@ -124,10 +126,9 @@ class Trainer:
         Raises ``Stopped`` after writing the checkpoint of the step a stop signal ended.
         """
         stopping.watch_launcher()
-        if self.config.train.checkpoint_on_signal:
-            self.stops.install()
-        self.claim = claim_output(self.output_dir, self.config.train.claim_lease_s)
         try:
+            if self.config.train.checkpoint_on_signal:
+                self.stops.install()
             self._setup()
             return self._loop()
         finally:
