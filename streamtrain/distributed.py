@@ -88,3 +88,12 @@ def all_reduce_sum(values: dict[str, float]) -> dict[str, float]:
     totals = torch.tensor([float(values.get(k, 0.0)) for k in keys], dtype=torch.float64, device=_device())
     dist.all_reduce(totals)
     return dict(zip(keys, totals.tolist(), strict=True))
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest of every rank's ``value``."""
+    if not _multi_process():
+        return value
+    total = torch.tensor([value], dtype=torch.int64, device=_device())
+    dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return int(total.item())

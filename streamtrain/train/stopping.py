@@ -23,9 +23,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-import torch
-import torch.distributed as dist
-
+from streamtrain import distributed
 from streamtrain.errors import TrainingError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -82,12 +80,7 @@ class StopRequests:
         SIGTERM wins over SIGINT when ranks received different ones (preemption is the stronger
         reason, and its exit status tells a scheduler the job was stopped, not failed).
         """
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return self.signum
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-        flag = torch.tensor([self.signum], dtype=torch.int64, device=device or "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # SIGTERM (15) > SIGINT (2)
-        return int(flag.item())
+        return distributed.all_reduce_max(self.signum)  # SIGTERM (15) > SIGINT (2)
 
 
 def watch_launcher() -> None:
