@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,13 +34,39 @@ class ConfigError(UserError):
 
 
 @dataclass
+class SourceSpec:
+    """One source of a mixture: ``{path: P, weight: W, name: N}`` in ``data.train``/``data.eval``."""
+
+    path: str | list[str] = ""
+    """Anything ``data.train`` accepts as a plain entry (a directory, manifest, pattern, or a list)."""
+    weight: Any = 1.0
+    """A number, or a schedule ``{step: weight}``: the weight listed at step s applies from
+    optimizer step s on (0: from the start; off before the first listed step). Relative."""
+    name: str | None = None
+    """Label in the logs (``data/<name>/samples``, ``eval/<name>/...``); default: from the path."""
+
+    def item_problems(self) -> list[str]:
+        """Checked where each entry is read, so every entry's mistakes are reported together."""
+        from streamtrain.data.mixture import weight_problems
+
+        found = [] if self.path else ["path: required"]
+        found += weight_problems(self.weight, "weight")
+        if self.name is not None and (not self.name or "/" in self.name):
+            found.append(f"name: {self.name!r} must be non-empty and without '/'")
+        return found
+
+
+@dataclass
 class DataConfig:
     """Where the shards are and how they become batches."""
 
-    train: str | list[str] = ""
-    """Training shards: a shardify output (directory or s3:// prefix), a brace pattern, or a list."""
-    eval: str | list[str] | None = None
-    """Held-out shards, same forms as ``train``; no evaluation when unset."""
+    train: str | list[str | SourceSpec] = ""
+    """Training shards: a shardify output (directory or s3:// prefix), a brace pattern, or a list
+    (concatenated). A list of ``{path, weight, name}`` mappings is a mixture: every step holds
+    each source's share by weight, and each source cycles through its own epochs."""
+    eval: str | list[str | SourceSpec] | None = None
+    """Held-out shards, same forms as ``train``; no evaluation when unset. Named mappings
+    (``{path, name}``) are evaluated one by one too, their metrics as ``eval/<name>/...``."""
     sample_log: str | None = None
     """Append one JSON line per optimizer step and rank with that step's sample_ids to this file."""
     num_workers: int = 2
@@ -47,7 +74,9 @@ class DataConfig:
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
     shuffle_buffer: int = 256
-    """Samples per shuffle window per worker (undecoded bytes held in memory); 1 keeps plan order."""
+    """Undecoded samples held for shuffling, over all ranks: each of a source's lanes (one per
+    sample of the global batch) shuffles windows of ``shuffle_buffer // global batch`` samples,
+    so a rank holds about ``shuffle_buffer / world size`` per source. 1 keeps lane order."""
     max_member_mb: float = 256.0
     """A tar member (one image, clip or text) larger than this is skipped unread and its sample
     counted in data/oversized_samples: a hostile or broken shard cannot exhaust memory."""
@@ -76,6 +105,8 @@ class DataConfig:
         found = []
         if not self.train:
             found.append("train: required (a shardify output directory, s3:// prefix or brace pattern)")
+        found += _source_list_problems(self.train, "train", weighted=True)
+        found += _source_list_problems(self.eval, "eval", weighted=False)
         if not 0.0 <= self.text_dropout_prob <= 1.0:
             found.append(f"text_dropout_prob: {self.text_dropout_prob} is not in [0, 1]")
         found += _at_least(self, ("num_workers", 0), ("prefetch_factor", 1), ("shuffle_buffer", 1))
@@ -91,6 +122,43 @@ class DataConfig:
             )
         found += _at_least(self, ("image_size", 8), ("max_question_tokens", 1), ("max_answer_tokens", 2))
         return found
+
+
+def _source_list_problems(value: Any, key: str, weighted: bool) -> list[str]:
+    """Mixture mistakes of ``data.train`` / ``data.eval``, all of them, each with its key path."""
+    from streamtrain.data.mixture import schedule, silent_steps
+
+    if not isinstance(value, list) or not any(isinstance(item, SourceSpec) for item in value):
+        return []
+    found = []
+    plain = [i for i, item in enumerate(value) if not isinstance(item, SourceSpec)]
+    if plain:
+        found.append(
+            f"{key}: entries {plain} are plain paths among {{path, weight, name}} mappings; "
+            "write every entry of a mixture as a mapping"
+        )
+    specs = [(i, item) for i, item in enumerate(value) if isinstance(item, SourceSpec)]
+    names = Counter(source_name(item) for _, item in specs)
+    for i, item in specs:
+        if not weighted and item.weight != 1.0:
+            found.append(f"{key}[{i}].weight: held-out sources are not weighted (remove it)")
+    repeated = sorted(name for name, n in names.items() if n > 1)
+    if repeated:
+        found.append(f"{key}: source names {repeated} are used more than once; give each entry a name")
+    if weighted and not found and not any(item.item_problems() for _, item in specs):
+        silent = silent_steps([schedule(item.weight) for _, item in specs])
+        if silent:
+            found.append(f"{key}: every weight is 0 from step {silent[0]}; at least one source must be on")
+    return found
+
+
+def source_name(spec: SourceSpec) -> str:
+    """A mixture entry's label: its ``name``, else the last part of its (first) path."""
+    if spec.name:
+        return spec.name
+    path = spec.path if isinstance(spec.path, str) else (spec.path[0] if spec.path else "")
+    parts = [p for p in path.replace("\\", "/").split("/") if p and p != "manifest.json"]
+    return parts[-1] if parts else "source"
 
 
 @dataclass
@@ -391,6 +459,12 @@ def _convert(value: Any, hint: Any, path: str, problems: list[str]) -> Any:
         others = [arg for arg in args if arg is not type(None)]
         if len(others) == 1:  # Optional[X]: X's own, more precise complaint
             return _convert(value, others[0], path, problems)
+        mappings = [arg for arg in others if dataclasses.is_dataclass(arg)]
+        if isinstance(value, dict) and len(mappings) == 1:  # a mapping: that section's complaint
+            return _convert(value, mappings[0], path, problems)
+        lists = [arg for arg in others if typing.get_origin(arg) is list]
+        if isinstance(value, list) and len(lists) == 1:  # a list: its items' own complaints
+            return _convert(value, lists[0], path, problems)
         for arg in args:  # the first member that takes the value without complaint
             attempt: list[str] = []
             converted = _convert(value, arg, path, attempt)
@@ -457,7 +531,13 @@ def _convert_dataclass(value: Any, cls: Any, path: str, problems: list[str]) -> 
     if len(problems) > before:
         return _INVALID
     try:
-        return cls(**kwargs)
+        converted = cls(**kwargs)
     except (TypeError, ValueError) as exc:
         problems.append(f"{path}: {exc}")
         return _INVALID
+    if hasattr(converted, "item_problems"):
+        item = [f"{path}.{problem}" for problem in converted.item_problems()]
+        if item:
+            problems += item
+            return _INVALID
+    return converted

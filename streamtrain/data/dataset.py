@@ -13,6 +13,8 @@ import itertools
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from streamtrain.data.mixture import Schedule
+
 
 @dataclass(frozen=True)
 class ShardInfo:
@@ -30,6 +32,8 @@ class Source:
     """The entry as written (a directory, a manifest, a brace pattern). A label only: the same
     output named by its directory or by its manifest is the same source."""
     shards: tuple[ShardInfo, ...]
+    schedule: Schedule | None = None
+    """Its weight over the steps when it is one source of a mixture; None otherwise."""
 
     @property
     def samples(self) -> int:
@@ -42,6 +46,8 @@ class Dataset:
 
     sources: tuple[Source, ...]
     schema: str
+    named: bool = False
+    """Written as ``{path, weight, name}`` entries: a mixture (train) or named parts (eval)."""
 
     @cached_property
     def shards(self) -> tuple[ShardInfo, ...]:
@@ -51,6 +57,11 @@ class Dataset:
     @property
     def samples(self) -> int:
         return sum(shard.samples for shard in self.shards)
+
+    @property
+    def mixture(self) -> bool:
+        """Whether the sources are weighted (a mixture) rather than laid end to end."""
+        return any(source.schedule is not None for source in self.sources)
 
     def fingerprint(self) -> str:
         """Identifies the shard list; a resumed run refuses a different one.

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import atexit
+import random
 import signal
 import weakref
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch.utils.data import DataLoader
 
+from streamtrain.data.counts import Collate
+from streamtrain.data.elastic import ElasticStream, Layout, Progress
+from streamtrain.data.lanes import Cursor
+from streamtrain.data.mixture import decode_carries, encode_carries
+from streamtrain.data.plan import derive_seed
 from streamtrain.data.sample_log import SampleLog
 from streamtrain.data.stream import ShardStream
 from streamtrain.errors import UserError
@@ -20,7 +26,7 @@ STATE_VERSION = 1
 # Loaders with running workers. Infinite dataloader workers never finish on their own, and an
 # interpreter that exits with them alive can hang in DataLoader's finaliser (seen under
 # torchrun), so they are stopped explicitly at exit.
-_RUNNING: weakref.WeakSet[StreamLoader] = weakref.WeakSet()
+_RUNNING: weakref.WeakSet[StreamLoader | ElasticLoader] = weakref.WeakSet()
 
 
 @atexit.register
@@ -195,3 +201,242 @@ class StreamLoader:
             # Lines the interrupted run wrote after this state was saved are not history.
             self.sample_log.rewind(self.batches // self.batches_per_step)
         self.close()
+
+
+ELASTIC_STATE_VERSION = 2
+
+
+class ElasticLoader:
+    """Micro-batches for this rank, forever, resumable on any topology (see elastic.py, lanes.py).
+
+    ``state_dict()`` after optimizer step s is the data's position after s — the same on every
+    rank, a few integers per source — plus this rank's read counts. A run resumed from it on any
+    world size, worker count or split of the per-rank batch into micro-batches continues every
+    source's epoch where it stopped; with the same global batch and one source, every step holds
+    exactly the samples an uninterrupted run would have. A state saved by the fixed-topology
+    loader (version 1) resumes through that loader, on its own topology only.
+    """
+
+    elastic = True
+    """Its saved state resumes on any number of ranks (see CheckpointManager.load)."""
+
+    def __init__(
+        self,
+        stream: ElasticStream,
+        collate: Collate,
+        batch_size: int,
+        batches_per_step: int = 1,
+        prefetch_factor: int = 2,
+        pin_memory: bool = False,
+        sample_log: SampleLog | None = None,
+        legacy: Callable[[], StreamLoader] | None = None,
+    ) -> None:
+        self.stream = stream
+        self.collate = collate
+        self.batch_size = batch_size
+        self.batches_per_step = batches_per_step
+        self.prefetch_factor = prefetch_factor
+        self.pin_memory = pin_memory
+        self.sample_log = sample_log
+        self.legacy_factory = legacy
+        self.legacy: StreamLoader | None = None
+        self.progress = stream.start.copy()
+        """After the last step whose micro-batches were all handed out."""
+        self._read_stats: Counter[str] = Counter()
+        self._pending: deque[Any] = deque()
+        self._step_ids: list[str] = []
+        self._next_progress: Progress | None = None
+        self._iterator: Iterator[tuple[int, list[tuple[int, Any]], dict[str, int]]] | None = None
+
+    @property
+    def read_stats(self) -> Counter[str]:
+        """Read counts of this rank so far (the run's, over its lives)."""
+        return self.legacy.read_stats if self.legacy is not None else self._read_stats
+
+    @property
+    def layout(self) -> Layout:
+        return self.stream.layout
+
+    @property
+    def epoch(self) -> float:
+        """Epochs consumed so far, fractional (all sources together)."""
+        if self.legacy is not None:
+            return self.legacy.epoch
+        total = sum(source.samples for source in self.layout.sources)
+        read = sum(c.epoch_fraction * c.samples for c in self.progress.cursors)
+        return read / total
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches in one epoch of the first source on this topology (all of one source)."""
+        if self.legacy is not None:
+            return self.legacy.stream.batches_per_epoch
+        cursor = Progress.start(self.layout).cursors[0]
+        return cursor.level().rounds * cursor.levels[-1][1] // self.layout.per_rank * self.batches_per_step
+
+    def source_metrics(self) -> dict[str, float]:
+        """Each source's epoch, for the log line of a mixture (not summed over ranks)."""
+        if self.legacy is not None or len(self.layout.sources) == 1:
+            return {}
+        return {
+            f"data/{source.name}/epoch": cursor.epoch_fraction
+            for source, cursor in zip(self.layout.sources, self.progress.cursors, strict=True)
+        }
+
+    def __iter__(self) -> ElasticLoader:
+        return self
+
+    def __next__(self) -> Any:
+        if self.legacy is not None:
+            return next(self.legacy)
+        if not self._pending:
+            self._next_step()
+        batch = self._pending.popleft()
+        if not self._pending:  # the step's last micro-batch: the step is the loader's position
+            assert self._next_progress is not None
+            self.progress, self._next_progress = self._next_progress, None
+            if self.sample_log is not None:
+                self.sample_log.record(self.progress.step, self._step_ids)
+        return batch
+
+    def _start(self) -> None:
+        self.stream.start = self.progress.copy()
+        workers = self.stream.num_workers
+        loader = DataLoader(
+            self.stream,
+            batch_size=None,
+            num_workers=workers,
+            prefetch_factor=self.prefetch_factor if workers else None,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+            worker_init_fn=leave_stop_signals_to_the_rank,
+        )
+        self._iterator = iter(loader)
+        _RUNNING.add(self)
+
+    def _next_step(self) -> None:
+        if self._iterator is None:
+            self._start()
+        assert self._iterator is not None
+        progress = self.progress.copy()
+        progress.advance(self.layout, self.stream.shapes)
+        slots: list[Any] = [None] * self.layout.per_rank
+        for _ in range(self.stream.readers):
+            step, items, counts = next(self._iterator)
+            if step != progress.step:
+                raise RuntimeError(f"data worker sent step {step} where step {progress.step} was due")
+            for slot, sample in items:
+                slots[slot] = sample
+            self._read_stats.update(counts)
+        dropped = sum(c.dropped for c in progress.cursors) - sum(c.dropped for c in self.progress.cursors)
+        if dropped and self.stream.rank == 0:  # the same on every rank: counted once
+            self._read_stats["dropped_samples"] += dropped
+        order = list(range(len(slots)))
+        random.Random(
+            derive_seed("step-order", self.stream.settings.seed, progress.step, self.stream.rank)
+        ).shuffle(order)
+        self._step_ids = []
+        for micro in range(self.batches_per_step):
+            chunk = [slots[k] for k in order[micro * self.batch_size : (micro + 1) * self.batch_size]]
+            samples = [sample for sample in chunk if sample is not None]
+            if samples:
+                batch = self.collate(samples)
+                if self.sample_log is not None:
+                    self._step_ids.extend(_sample_ids(batch))
+            else:
+                self._read_stats["empty_batches"] += 1
+                batch = None
+            self._pending.append(batch)
+        self._next_progress = progress
+
+    def close(self) -> None:
+        """Stop the workers now (a later ``next()`` starts them again at the current position)."""
+        if self.legacy is not None:
+            self.legacy.close()
+        stop_workers(self._iterator)
+        self._iterator = None
+        self._pending.clear()
+        self._next_progress = None
+        _RUNNING.discard(self)
+
+    def start_fresh(self) -> None:
+        if self.sample_log is not None:
+            self.sample_log.rewind(0, self.layout.world_size)
+
+    def shutdown(self) -> None:
+        self.close()
+        if self.sample_log is not None:
+            self.sample_log.close()
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "seed": self.stream.settings.seed,
+            "shuffle_buffer": self.stream.settings.shuffle_buffer,
+            "dataset": self.stream.fingerprint(),
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.legacy is not None:
+            return self.legacy.state_dict()
+        return {
+            "version": ELASTIC_STATE_VERSION,
+            **self._identity(),
+            "rank": self.stream.rank,
+            "world_size": self.layout.world_size,
+            "num_workers": self.stream.num_workers,
+            "per_rank": self.layout.per_rank,
+            "batch_size": self.batch_size,
+            "step": self.progress.step,
+            "sources": [cursor.to_dict() for cursor in self.progress.cursors],
+            "carries": encode_carries(self.progress.carries),
+            "read_stats": dict(self._read_stats),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], absorbed: list[dict[str, Any]] | None = None) -> None:
+        """Continue from ``state``, the saved state of this rank (or of rank 0 for a rank the
+        saved run did not have); ``absorbed``: states of saved ranks this run no longer has,
+        whose read counts rank 0 carries on."""
+        if state.get("version") == STATE_VERSION and self.legacy_factory is not None:
+            self.legacy = self.legacy_factory()
+            self.legacy.load_state_dict(state)
+            return
+        if state.get("version") != ELASTIC_STATE_VERSION:
+            raise LoaderStateError(
+                f"data loader state version {state.get('version')!r} is not {ELASTIC_STATE_VERSION}"
+            )
+        expected = self._identity()
+        changed = [
+            f"{key}: saved {state.get(key)!r}, now {value!r}"
+            for key, value in expected.items()
+            if state.get(key) != value
+        ]
+        if changed:
+            raise LoaderStateError(
+                "cannot continue the data stream, the data or its order changed ("
+                + "; ".join(changed)
+                + "). Resume with the original data, seed and mixture, or start a new run."
+            )
+        sources = self.layout.sources
+        if len(state["sources"]) != len(sources):
+            raise LoaderStateError(f"the saved data has {len(state['sources'])} sources, now {len(sources)}")
+        cursors = [
+            Cursor.from_dict(source.samples, self.layout.windows(i), saved)
+            for i, (source, saved) in enumerate(zip(sources, state["sources"], strict=True))
+        ]
+        progress = Progress(int(state["step"]), cursors, decode_carries(state["carries"]))
+        progress.fit(self.layout)
+        self.close()
+        self.progress = progress
+        own = state.get("rank") == self.stream.rank
+        self._read_stats = Counter(state.get("read_stats", {}) if own else {})
+        for other in absorbed or []:
+            self._read_stats.update(other.get("read_stats", {}))
+        if self.sample_log is not None:
+            # Lines the interrupted run wrote after this state was saved are not history.
+            self.sample_log.rewind(progress.step, self.layout.world_size)
+
+
+def _sample_ids(batch: Any) -> list[str]:
+    if not isinstance(batch, dict) or "sample_ids" not in batch:
+        raise TypeError("data.sample_log needs batches that carry 'sample_ids' (a dict from the collate)")
+    return list(batch["sample_ids"])

@@ -6,26 +6,50 @@ plans, workers and retries stays behind these three calls.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 from shardify.bytestream import RetryPolicy
-from streamtrain.config import DataConfig, EvalConfig
-from streamtrain.data.dataset import Dataset
+from streamtrain.config import DataConfig, EvalConfig, SourceSpec, source_name
+from streamtrain.data.dataset import Dataset, Source
+from streamtrain.data.elastic import ElasticStream, Layout, StreamSettings, StreamSource
 from streamtrain.data.eval import EvalStream, eval_batches
-from streamtrain.data.loader import StreamLoader
+from streamtrain.data.loader import ElasticLoader, StreamLoader
+from streamtrain.data.mixture import schedule
 from streamtrain.data.plan import Topology
 from streamtrain.data.sample_log import SampleLog
 from streamtrain.data.shards import DataSourceError, resolve
 from streamtrain.data.stream import Collate, Decode, ShardStream, StreamConfig
 
 
-def resolve_sources(sources: str | list[str], key: str = "data.train") -> Dataset:
-    """The shards config key ``key`` names, with exact counts; DataSourceError naming ``key`` if not."""
-    try:
-        return resolve(sources)
-    except DataSourceError as exc:
-        raise DataSourceError(f"{key}: {exc}") from None
+def resolve_sources(sources: str | list[str | SourceSpec], key: str = "data.train") -> Dataset:
+    """The shards config key ``key`` names, with exact counts; DataSourceError naming ``key`` if not.
+
+    Plain entries are sources laid end to end; ``{path, weight, name}`` entries are the named
+    sources of a mixture (weighted under ``data.train``).
+    """
+    if not isinstance(sources, list) or not any(isinstance(item, SourceSpec) for item in sources):
+        try:
+            return resolve(sources)  # type: ignore[arg-type]
+        except DataSourceError as exc:
+            raise DataSourceError(f"{key}: {exc}") from None
+    found = []
+    for i, spec in enumerate(sources):
+        assert isinstance(spec, SourceSpec)  # config load refuses plain entries among mappings
+        try:
+            part = resolve(spec.path)
+        except DataSourceError as exc:
+            raise DataSourceError(f"{key}[{i}].path: {exc}") from None
+        weight = schedule(spec.weight) if key == "data.train" else None
+        found.append((Source(source_name(spec), part.shards, weight), part.schema))
+    listed = Counter(shard.url for source, _ in found for shard in source.shards)
+    duplicated = sorted(url for url, n in listed.items() if n > 1)
+    if duplicated:
+        raise DataSourceError(f"{key}: shards listed in more than one source: {', '.join(duplicated[:5])}")
+    schemas = {schema for _, schema in found}
+    schema = schemas.pop() if len(schemas) == 1 else "mixed"
+    return Dataset(tuple(source for source, _ in found), schema, named=True)
 
 
 def train_loader(
@@ -40,23 +64,46 @@ def train_loader(
     collate: Collate,
     batches_per_step: int = 1,
     pin_memory: bool = False,
-) -> StreamLoader:
-    """This rank's endless, resumable batches of ``dataset``."""
-    topology = Topology(world_size=world_size, rank=rank, num_workers=data.num_workers, batch_size=batch_size)
-    stream = ShardStream(
-        dataset,
-        topology,
-        decode,
-        collate,
-        StreamConfig(seed=seed, shuffle_buffer=data.shuffle_buffer, max_member_bytes=_member_bytes(data)),
-        retry_policy(data),
+) -> ElasticLoader:
+    """This rank's endless batches of ``dataset``, resumable on any topology (PlanError when
+    the data cannot give every rank a step)."""
+    if dataset.mixture:
+        sources = tuple(StreamSource(s.name, s.shards, s.schedule) for s in dataset.sources)
+    else:
+        sources = (StreamSource("train", dataset.shards),)
+    layout = Layout(sources, seed, world_size, batch_size * batches_per_step, data.shuffle_buffer)
+    settings = StreamSettings(
+        seed=seed, shuffle_buffer=data.shuffle_buffer, max_member_bytes=_member_bytes(data)
     )
-    return StreamLoader(
+    stream = ElasticStream(layout, rank, data.num_workers, decode, settings, retry_policy(data))
+    sample_log = SampleLog(data.sample_log, rank) if data.sample_log else None
+
+    def fixed_topology_loader() -> StreamLoader:
+        """The loader of state version 1, for checkpoints it wrote."""
+        topology = Topology(
+            world_size=world_size, rank=rank, num_workers=data.num_workers, batch_size=batch_size
+        )
+        config = StreamConfig(
+            seed=seed, shuffle_buffer=data.shuffle_buffer, max_member_bytes=_member_bytes(data)
+        )
+        legacy = ShardStream(dataset, topology, decode, collate, config, retry_policy(data))
+        return StreamLoader(
+            legacy,
+            prefetch_factor=data.prefetch_factor,
+            pin_memory=pin_memory,
+            sample_log=sample_log,
+            batches_per_step=batches_per_step,
+        )
+
+    return ElasticLoader(
         stream,
+        collate,
+        batch_size,
+        batches_per_step,
         prefetch_factor=data.prefetch_factor,
         pin_memory=pin_memory,
-        sample_log=SampleLog(data.sample_log, rank) if data.sample_log else None,
-        batches_per_step=batches_per_step,
+        sample_log=sample_log,
+        legacy=fixed_topology_loader,
     )
 
 

@@ -48,8 +48,11 @@ class SampleLog:
                 os.ftruncate(self._fd, end)  # no cut line for the next append to run into
                 raise
 
-    def rewind(self, step: int) -> int:
+    def rewind(self, step: int, world_size: int | None = None) -> int:
         """Drop this rank's lines of steps after ``step``; returns how many were dropped.
+
+        With ``world_size``, lines after ``step`` of ranks at or above it go too: a run resumed
+        on fewer ranks has no rank left to rewind them.
 
         The kept lines are first saved beside the log (``<log>.rewind``, published by rename), then
         the log is rewritten in place and the copy removed: a rewind killed half-way is finished
@@ -58,7 +61,7 @@ class SampleLog:
         with self._locked():
             self._finish_interrupted_rewind()
             lines = self._read().decode("utf-8").splitlines()
-            kept = [line for line in lines if not self._is_later_own_line(line, step)]
+            kept = [line for line in lines if not self._is_later_own_line(line, step, world_size)]
             if len(kept) == len(lines):
                 return 0
             data = "".join(line + "\n" for line in kept).encode("utf-8")
@@ -97,12 +100,14 @@ class SampleLog:
             view = view[os.write(self._fd, view) :]
         os.fsync(self._fd)
 
-    def _is_later_own_line(self, line: str, step: int) -> bool:
+    def _is_later_own_line(self, line: str, step: int, world_size: int | None) -> bool:
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             return True  # a line cut by a crash mid-write: drop it
-        return entry.get("rank") == self.rank and entry.get("step", 0) > step
+        rank = entry.get("rank")
+        gone = world_size is not None and isinstance(rank, int) and rank >= world_size
+        return (rank == self.rank or gone) and entry.get("step", 0) > step
 
     def close(self) -> None:
         if self._fd >= 0:

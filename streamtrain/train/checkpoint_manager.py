@@ -214,8 +214,8 @@ class CheckpointManager:
     def load(self, directory: Path) -> None:
         """Restore every part from ``directory``; nothing but tensors and plain values is unpickled."""
         rank = distributed.rank()
-        for name in self.rank_states:
-            if not _rank_file(directory, name, rank).exists():
+        for name, state in self.rank_states.items():
+            if not _rank_file(directory, name, rank).exists() and not getattr(state, "elastic", False):
                 raise CheckpointError(
                     f"{directory} holds no {name} state for rank {rank}: it was saved by a run "
                     "with fewer processes. Resume with the original number of processes."
@@ -232,7 +232,23 @@ class CheckpointManager:
         for name, state in self.global_states.items():
             state.load_state_dict(json.loads((directory / _global_file(name)).read_text()))
         for name, state in self.rank_states.items():
-            state.load_state_dict(json.loads(_rank_file(directory, name, rank).read_text()))
+            if getattr(state, "elastic", False):
+                _load_elastic(state, directory / name, rank, distributed.world_size())
+            else:
+                state.load_state_dict(json.loads(_rank_file(directory, name, rank).read_text()))
+
+
+def _load_elastic(state: Any, folder: Path, rank: int, world_size: int) -> None:
+    """A part saved on any number of ranks: this rank's file, or rank 0's for a rank the saved
+    run did not have; rank 0 also takes in the files of saved ranks this run no longer has."""
+    own = folder / f"rank-{rank:05d}.json"
+    saved = json.loads((own if own.exists() else folder / "rank-00000.json").read_text())
+    absorbed = []
+    if rank == 0:
+        for path in sorted(folder.glob("rank-*.json")):
+            if int(path.stem.split("-")[1]) >= world_size:
+                absorbed.append(json.loads(path.read_text()))
+    state.load_state_dict(saved, absorbed)
 
 
 def _global_file(name: str) -> str:

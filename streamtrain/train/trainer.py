@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from streamtrain import console
 from streamtrain.config import RunConfig
-from streamtrain.data.loader import StreamLoader
+from streamtrain.data.dataset import Dataset
+from streamtrain.data.loader import ElasticLoader
 from streamtrain.data.pipeline import held_out_batches, resolve_sources, train_loader
 from streamtrain.distributed import all_reduce_sum
 from streamtrain.errors import TrainingError, UserError
@@ -103,7 +104,7 @@ class Trainer:
             self.jsonl = JsonlTracker(self.output_dir, self.step) if "jsonl" in config.log.trackers else None
         backend.accelerator.init_trackers(config.log.project, config={"output_dir": config.output_dir})
 
-    def _train_loader(self) -> StreamLoader:
+    def _train_loader(self) -> ElasticLoader:
         acc, config = self.backend.accelerator, self.config
         return train_loader(
             config.data,
@@ -257,7 +258,8 @@ class Trainer:
 
     def _log_train(self, window: StepWindow, extras: dict[str, float]) -> None:
         lr, epoch = self.scheduler.get_last_lr()[0], self.train_loader.epoch
-        self._log(window.metrics(self.train_loader.read_stats, lr, epoch, extras))
+        metrics = window.metrics(self.train_loader.read_stats, lr, epoch, extras)
+        self._log({**metrics, **self.train_loader.source_metrics()})
 
     def _log(self, metrics: dict[str, float]) -> None:
         self.backend.accelerator.log(metrics, step=self.step)
@@ -265,12 +267,28 @@ class Trainer:
             self.jsonl.log(metrics, step=self.step)
 
     def _evaluate(self) -> dict[str, float]:
+        """Held-out metrics of all of ``data.eval``, and of each of its named sources apart."""
         assert self.eval_data is not None
+        metrics = self._held_out(self.eval_data)
+        self.last_eval = metrics
+        logged = {key if "/" in key else f"eval/{key}": value for key, value in metrics.items()}
+        if self.eval_data.named and len(self.eval_data.sources) > 1:
+            for source in self.eval_data.sources:
+                part = self._held_out(Dataset((source,), self.eval_data.schema))
+                logged.update(
+                    {f"eval/{source.name}/{key.removeprefix('eval/')}": v for key, v in part.items()}
+                )
+        self._log(logged)
+        self._print(f"step {self.step}: " + self.task.summary(metrics))
+        self.checkpoints.update_best(self.step, metrics)
+        return metrics
+
+    def _held_out(self, dataset: Dataset) -> dict[str, float]:
         acc, read_stats = self.backend.accelerator, Counter[str]()
         held_out = held_out_batches(
             self.config.data,
             self.config.eval,
-            self.eval_data,
+            dataset,
             rank=acc.process_index,
             world_size=acc.num_processes,
             decode=self.task.decoder(train=False),
@@ -288,12 +306,7 @@ class Trainer:
             metrics = self.task.evaluate(self.model, batches())
         self.model.train()
         skipped = all_reduce_sum({k: float(v) for k, v in read_stats.items() if k != "samples"})
-        metrics = {**metrics, **{f"eval/data/{k}": v for k, v in skipped.items()}}
-        self.last_eval = metrics
-        self._log({key if "/" in key else f"eval/{key}": value for key, value in metrics.items()})
-        self._print(f"step {self.step}: " + self.task.summary(metrics))
-        self.checkpoints.update_best(self.step, metrics)
-        return metrics
+        return {**metrics, **{f"eval/data/{k}": v for k, v in skipped.items()}}
 
     # -- state ---------------------------------------------------------------------------------
 

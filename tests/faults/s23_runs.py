@@ -79,22 +79,14 @@ def prepare(tmp_path_factory: pytest.TempPathFactory, max_steps: int) -> tuple[R
     return _prepared(tmp_path_factory.getbasetemp() / "faults-s23", max_steps)
 
 
+def recipe(tmp_path_factory: pytest.TempPathFactory, max_steps: int) -> Recipe:
+    """The recipe alone (its shards and tiny text tower, made once per session), no reference run."""
+    return _recipe(tmp_path_factory.getbasetemp() / "faults-s23", max_steps)
+
+
 @functools.cache
 def _prepared(base: Path, max_steps: int) -> tuple[Recipe, Reference]:
-    base.mkdir(parents=True, exist_ok=True)
-    text_dir = base / "clip_text"
-    if not text_dir.exists():
-        tokenizer = tiny_clip_tokenizer()
-        torch.manual_seed(0)
-        CLIPTextModel(tiny_clip_text_config(tokenizer)).save_pretrained(text_dir)
-        tokenizer.save_pretrained(text_dir)
-    shards_dir = base / "shards"
-    shards = (
-        {split: shards_dir / split for split in ("train", "eval")}
-        if (shards_dir / "eval").exists()
-        else convert_sample(shards_dir)
-    )
-    recipe = Recipe(shards, text_dir, max_steps)
+    recipe = _recipe(base, max_steps)
     output = base / f"reference-{max_steps}"
     done = run_to_end(recipe.args(output))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -108,6 +100,23 @@ def _prepared(base: Path, max_steps: int) -> tuple[Recipe, Reference]:
     assert [line["step"] for line in reference.lines] == list(range(1, max_steps + 1))
     assert sorted(reference.losses) == list(range(1, max_steps + 1))
     return recipe, reference
+
+
+def _recipe(base: Path, max_steps: int) -> Recipe:
+    base.mkdir(parents=True, exist_ok=True)
+    text_dir = base / "clip_text"
+    if not text_dir.exists():
+        tokenizer = tiny_clip_tokenizer()
+        torch.manual_seed(0)
+        CLIPTextModel(tiny_clip_text_config(tokenizer)).save_pretrained(text_dir)
+        tokenizer.save_pretrained(text_dir)
+    shards_dir = base / "shards"
+    shards = (
+        {split: shards_dir / split for split in ("train", "eval")}
+        if (shards_dir / "eval").exists()
+        else convert_sample(shards_dir)
+    )
+    return Recipe(shards, text_dir, max_steps)
 
 
 def command(args: Sequence[str]) -> list[str]:

@@ -168,3 +168,45 @@ def test_retry_keys_are_checked_with_their_paths(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(recipe, ["data.retry_backoff_s=4", "data.retry_max_backoff_s=2"], TYPES)
     assert error.value.problems == ["data.retry_max_backoff_s: 2.0 must be >= retry_backoff_s (4.0)"]
+
+
+def test_a_mixture_round_trips_and_plain_lists_stay_plain(tmp_path: Path) -> None:
+    mixture = [{"path": "a", "weight": {0: 2, 100: 0.5}, "name": "cap"}, {"path": ["b", "c"], "weight": 1}]
+    config = load_config(write(tmp_path, {**base(), "data": {"train": mixture}}), [], TYPES)
+    assert [spec.name for spec in config.data.train] == ["cap", None]  # type: ignore[union-attr]
+    again = load_config(write(tmp_path, config.to_yaml()), [], TYPES)
+    assert again.data.train == config.data.train
+    plain = load_config(write(tmp_path, {**base(), "data": {"train": ["a", "b"]}}), [], TYPES)
+    assert plain.data.train == ["a", "b"]
+
+
+def test_every_mixture_mistake_is_reported_at_once(tmp_path: Path) -> None:
+    mixture = [
+        {"path": "a", "weight": -1},
+        {"path": "b", "weight": "heavy"},
+        {"path": "c", "weight": {10: 1, 5: 2}},
+        {"path": "d", "weight": {1.5: 1}},
+        {"path": "e", "wieght": 1},
+        "plain",
+    ]
+    recipe = yaml.safe_dump({**base(), "data": {"train": mixture}}, sort_keys=False)  # steps as written
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, recipe), [], TYPES)
+    text = str(caught.value)
+    for expected in (
+        "data.train[0].weight: -1 must be a finite number >= 0",
+        "data.train[1].weight: 'heavy' is not a number",
+        "data.train[2].weight: schedule steps [10, 5] are not in ascending order",
+        "data.train[3].weight: schedule step 1.5 is not a whole number >= 0",
+        "data.train[4].wieght: unknown key (did you mean data.train[4].weight?)",
+    ):
+        assert expected in text, text
+    off = [{"path": "a", "weight": {0: 1, 50: 0}}, {"path": "b", "weight": {0: 1, 40: 0}}]
+    with pytest.raises(ConfigError, match=r"data.train: every weight is 0 from step 50"):
+        load_config(write(tmp_path, {**base(), "data": {"train": off}}), [], TYPES)
+    mixed = [{"path": "a"}, "b"]
+    with pytest.raises(ConfigError, match=r"entries \[1\] are plain paths"):
+        load_config(write(tmp_path, {**base(), "data": {"train": mixed}}), [], TYPES)
+    same = [{"path": "x/train"}, {"path": "y/train"}]
+    with pytest.raises(ConfigError, match=r"source names \['train'\] are used more than once"):
+        load_config(write(tmp_path, {**base(), "data": {"train": same}}), [], TYPES)

@@ -51,7 +51,7 @@ def epoch(data: DataConfig, source: str) -> tuple[list[Any], Counter[str]]:
     loader = train_loader(
         data, resolve_sources(source), rank=0, world_size=1, batch_size=4, seed=1, decode=decode, collate=list
     )
-    batches = [next(loader) for _ in range(loader.stream.batches_per_epoch)]
+    batches = [next(loader) for _ in range(loader.batches_per_epoch)]
     loader.shutdown()
     return batches, loader.read_stats
 

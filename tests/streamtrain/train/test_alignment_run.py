@@ -54,7 +54,7 @@ def test_in_process_run_trains_evaluates_and_checkpoints(
     weights = load_file(last / "model.safetensors")
     assert any(key.startswith("vision_proj") for key in weights)
     assert json.loads((last / "trainer_state.json").read_text())["step"] == 6
-    assert json.loads((last / "data" / "rank-00000.json").read_text())["batches"] == 6
+    assert json.loads((last / "data" / "rank-00000.json").read_text())["step"] == 6
 
     logged = read_metrics(out)
     train = [m for m in logged if "train/loss" in m]

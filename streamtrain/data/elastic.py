@@ -1,0 +1,357 @@
+"""The elastic stream: every step's samples from the mixture counts and the sources' lanes.
+
+``Progress`` is the whole position of the data: the last step taken, each source's Cursor
+(lanes.py) and the mixture carries (mixture.py) — the same on every rank. ``Progress.advance``
+is the pure transition of one step: how many samples of each source every rank takes, and at
+which ``(epoch, level, t)`` of each source. The main process and every dataloader worker apply
+the same transitions, so a worker knows every step's samples without being told.
+
+A rank's step is ``per_rank`` *slots* (sources in order, each source's samples in ``t`` order).
+A slot's sample sits in one of the rank's lanes; worker ``w`` of ``K`` reads the lanes ``j`` with
+``j % K == w`` and yields, for every step, one item: the slots it read, decoded. The loader joins
+the ``K`` items of a step (DataLoader hands them over in worker order) into the step's
+micro-batches. So workers only decide who reads, never what a step holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
+
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from shardify.bytestream import RateLimitedLog, ReadStats, RetryPolicy, ShardReadError
+from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES, iter_samples
+from streamtrain.data.counts import Decode, count_reads, decode_samples
+from streamtrain.data.dataset import ShardInfo
+from streamtrain.data.lanes import (
+    Cursor,
+    Level,
+    LevelShape,
+    ShardOrder,
+    Taken,
+    Windows,
+    lanes_per_rank,
+    level_of,
+)
+from streamtrain.data.mixture import Schedule, apportion
+from streamtrain.data.plan import PlanError, derive_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """One source of the stream: its label (for logs), shards and weight (None: the only one)."""
+
+    name: str
+    shards: tuple[ShardInfo, ...]
+    schedule: Schedule | None = None
+
+    @property
+    def samples(self) -> int:
+        return sum(shard.samples for shard in self.shards)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the plan needs of the run: sources, seed, ranks and the per-rank step size."""
+
+    sources: tuple[StreamSource, ...]
+    seed: int
+    world_size: int
+    per_rank: int
+    """Samples per rank and optimizer step (per-device batch × accumulation)."""
+    shuffle_buffer: int
+
+    def windows(self, index: int) -> Windows:
+        return Windows(self.seed, self.sources[index].name, self.shuffle_buffer)
+
+    def shapes(self) -> list[LevelShape]:
+        """How each source is laned on this topology (PlanError when it cannot be)."""
+        shapes = []
+        for source in self.sources:
+            try:
+                q = lanes_per_rank(source.samples, self.world_size, self.per_rank)
+            except PlanError:
+                raise PlanError(
+                    f"{source.name}: {source.samples} samples cannot give each of {self.world_size} "
+                    f"ranks one batch of {self.per_rank}; use a smaller batch size or more data"
+                ) from None
+            shapes.append(LevelShape(self.world_size, q))
+        self.check_shares()
+        return shapes
+
+    def check_shares(self) -> None:
+        """A weighted source must hold at least its largest share of one global batch."""
+        schedules = [s.schedule for s in self.sources]
+        if any(s is None for s in schedules):
+            return
+        steps = sorted({1, *(p for s in schedules for p in s.changes)})  # type: ignore[union-attr]
+        batch = self.world_size * self.per_rank
+        for step in steps:
+            weights = [s.at(step) for s in schedules]  # type: ignore[union-attr]
+            total = sum(weights)
+            for source, weight in zip(self.sources, weights, strict=True):
+                share = batch * weight / total if total else 0
+                if share > source.samples:
+                    raise PlanError(
+                        f"{source.name}: {source.samples} samples are fewer than its share of one global "
+                        f"batch ({float(share):.1f} of {batch} from step {step}); give it more data or a "
+                        "smaller weight"
+                    )
+
+
+@dataclass
+class Progress:
+    """Where the data stands after ``step`` optimizer steps; the same on every rank."""
+
+    step: int
+    cursors: list[Cursor]
+    carries: list[Fraction] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, layout: Layout) -> Progress:
+        cursors = [Cursor(source.samples, layout.windows(i)) for i, source in enumerate(layout.sources)]
+        progress = cls(0, cursors, [Fraction(0)] * len(cursors))
+        progress.fit(layout)
+        return progress
+
+    def fit(self, layout: Layout) -> None:
+        for cursor, shape in zip(self.cursors, layout.shapes(), strict=True):
+            cursor.fit(shape)
+
+    def copy(self) -> Progress:
+        return Progress(self.step, [c.copy() for c in self.cursors], list(self.carries))
+
+    def counts(self, layout: Layout, step: int) -> list[int]:
+        """Samples of each source in every rank's ``step``; updates the carries."""
+        if len(layout.sources) == 1 and layout.sources[0].schedule is None:
+            return [layout.per_rank]
+        schedules = [source.schedule for source in layout.sources]
+        counts, self.carries = apportion(schedules, layout.per_rank, step, self.carries)  # type: ignore[arg-type]
+        return counts
+
+    def advance(self, layout: Layout, shapes: Sequence[LevelShape]) -> list[list[Taken]]:
+        """Take the next step: per source, the ``(epoch, level, t)`` of each of its samples."""
+        self.step += 1
+        counts = self.counts(layout, self.step)
+        return [
+            cursor.take(count, shape)
+            for cursor, count, shape in zip(self.cursors, counts, shapes, strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    seed: int = 0
+    shuffle_buffer: int = 256
+    warn_every_s: float = 30.0
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+
+
+class ElasticStream(IterableDataset):
+    """Every step from ``start.step + 1`` on, as ``(step, [(slot, sample or None)], counts)``.
+
+    Each dataloader worker yields one such item per step holding the slots of its lanes; the
+    in-process reader (no workers) yields all of them.
+    """
+
+    def __init__(
+        self,
+        layout: Layout,
+        rank: int,
+        num_workers: int,
+        decode: Decode,
+        settings: StreamSettings,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.layout = layout
+        self.rank = rank
+        self.num_workers = num_workers
+        self.readers = max(1, num_workers)
+        self.decode = decode
+        self.settings = settings
+        self.retry = retry
+        self.shapes = layout.shapes()
+        self.start = Progress.start(layout)
+
+    def fingerprint(self) -> str:
+        """Identifies the sources, their shards and weights; a resumed run refuses others."""
+        text = "\n\n".join(
+            "\n".join(f"{s.url}\t{s.samples}" for s in source.shards)
+            + (f"\nweight\t{source.schedule.describe()!r}" if source.schedule is not None else "")
+            for source in self.layout.sources
+        )
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def __iter__(self) -> Iterator[tuple[int, list[tuple[int, Any]], dict[str, int]]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        return _WorkerReader(self, worker).steps()
+
+
+class _WorkerReader:
+    """One worker's lanes: their open shard readers and shuffle windows."""
+
+    def __init__(self, stream: ElasticStream, worker: int) -> None:
+        self.stream = stream
+        self.worker = worker
+        self.layout = stream.layout
+        self.warnings = RateLimitedLog(log, stream.settings.warn_every_s)
+        self.read_stats = ReadStats()
+        self.lanes: dict[tuple[int, int, int, int], _Lane] = {}
+        self.orders: dict[tuple[int, int], ShardOrder] = {}
+        self.failed: set[tuple[int, int, str]] = set()
+        self.mixed = len(self.layout.sources) > 1
+
+    def steps(self) -> Iterator[tuple[int, list[tuple[int, Any]], dict[str, int]]]:
+        progress = self.stream.start.copy()
+        while True:
+            taken = progress.advance(self.layout, self.stream.shapes)
+            counts: Counter[str] = Counter()
+            slots: list[tuple[int, Any]] = []
+            slot = 0
+            with torch.random.fork_rng(devices=[]):
+                for index, samples in enumerate(taken):
+                    for where in samples:
+                        if where.t % where.level_key[-1][1] % self.stream.readers == self.worker:
+                            slots.append((slot, self._sample(index, where, counts)))
+                        slot += 1
+            for index, cursor in enumerate(progress.cursors):
+                self._forget_finished(index, cursor)
+            count_reads(self.read_stats, counts)
+            yield progress.step, slots, dict(counts)
+
+    def _sample(self, index: int, where: Taken, counts: Counter[str]) -> Any:
+        source = self.layout.sources[index]
+        windows = self.layout.windows(index).of_epoch(where.epoch)
+        level = level_of(source.samples, where.level_key, windows)
+        q = level.shape.q
+        lane = self.stream.rank * q + where.t % q
+        key = (index, where.epoch, where.level_index, lane)
+        reader = self.lanes.get(key)
+        if reader is None:
+            reader = self.lanes[key] = _Lane(self, index, windows, where.level_index, level, lane)
+        raw, position = reader.get(where.t // q)
+        seed = derive_seed("sample", self.stream.settings.seed, source.name, where.epoch, position)
+        torch.manual_seed(seed % (1 << 63))
+        found: Counter[str] = Counter(reader.take_counts())
+        decoded = decode_samples([raw], self.stream.decode, random.Random(seed), found, self.warnings)
+        counts.update(found)
+        if self.mixed:
+            counts.update({f"{source.name}/{key}": value for key, value in found.items()})
+        return decoded[0] if decoded else None
+
+    def _forget_finished(self, index: int, cursor: Cursor) -> None:
+        """Close the lanes of levels and epochs this source has moved past."""
+        current = (cursor.epoch, len(cursor.levels) - 1)
+        for key in [k for k in self.lanes if k[0] == index and k[1:3] < current]:
+            del self.lanes[key]
+        for key in [k for k in self.orders if k[0] == index and k[1] < cursor.epoch]:
+            del self.orders[key]
+
+    def shard_order(self, index: int, epoch: int) -> ShardOrder:
+        key = (index, epoch)
+        if key not in self.orders:
+            source = self.layout.sources[index]
+            counts = [shard.samples for shard in source.shards]
+            self.orders[key] = ShardOrder.draw(counts, self.stream.settings.seed, source.name, epoch)
+        return self.orders[key]
+
+
+class _Lane:
+    """One lane of one level: read window by window, front to back, each shard byte once."""
+
+    def __init__(
+        self, owner: _WorkerReader, index: int, windows: Windows, level_index: int, level: Level, lane: int
+    ) -> None:
+        self.owner = owner
+        self.index = index
+        self.windows = windows
+        self.epoch = windows.epoch
+        self.level_index = level_index
+        self.level = level
+        self.lane = lane
+        self.window = windows.size(level.shape.lanes)
+        self.loaded = -1
+        self.buffer: dict[int, dict[str, Any] | None] = {}
+        self.order: list[int] = []
+        self.counts: Counter[str] = Counter()
+        self.open: tuple[str, int, Iterator[dict[str, Any]]] | None = None
+        """(shard url, index of its next sample, its sample iterator)."""
+
+    def get(self, round_: int) -> tuple[dict[str, Any] | None, int]:
+        """The raw sample emitted at ``round_`` of this lane, and its epoch-order position."""
+        number, offset = divmod(round_, self.window)
+        if number != self.loaded:
+            self._load(number)
+        position = self.lane * self.level.rounds + number * self.window + self.order[offset]
+        epoch_index = self.level.epoch_index(position)
+        return self.buffer.pop(epoch_index, None), epoch_index
+
+    def take_counts(self) -> dict[str, int]:
+        counts, self.counts = dict(self.counts), Counter()
+        return counts
+
+    def _load(self, number: int) -> None:
+        rounds = self.level.rounds
+        first = number * self.window
+        size = min(self.window, rounds - first)
+        self.order = self.windows.order(self.level_index, self.lane, number, size)
+        start = self.lane * rounds + first
+        self.buffer = {}
+        order = self.owner.shard_order(self.index, self.epoch)
+        shards = self.owner.layout.sources[self.index].shards
+        for epoch_first, epoch_stop in self.level.epoch_ranges(start, start + size):
+            for shard, lo, hi in order.pieces(epoch_first, epoch_stop):
+                self._read(shards[shard], lo, hi, epoch_first - lo, order)
+                epoch_first += hi - lo
+        self.loaded = number
+
+    def _read(self, shard: ShardInfo, lo: int, hi: int, base: int, order: ShardOrder) -> None:
+        """Samples ``[lo, hi)`` of ``shard`` into the buffer, keyed by epoch-order position."""
+        failed_key = (self.index, self.epoch, shard.url)
+        if failed_key in self.owner.failed:
+            self.counts["unreadable_samples"] += hi - lo
+            return
+        position = lo
+        try:
+            samples = self._reader(shard, lo)
+            while position < hi:
+                self.buffer[base + position] = next(samples)
+                position += 1
+                self.open = (shard.url, position, samples)
+            if hi == shard.samples and next(samples, None) is not None:
+                self.counts["shard_errors"] += 1
+                self.owner.warnings.warn(
+                    f"{shard.url} holds more samples than the {shard.samples} its manifest lists; "
+                    "the rest were not read"
+                )
+        except (ShardReadError, StopIteration) as exc:
+            self.open = None
+            self.owner.failed.add(failed_key)
+            self.counts["shard_errors"] += 1
+            self.counts["unreadable_samples"] += hi - position
+            problem = exc if isinstance(exc, ShardReadError) else "fewer samples than its manifest says"
+            self.owner.warnings.warn(f"skipping the rest of {shard.url}: {problem}")
+
+    def _reader(self, shard: ShardInfo, first: int) -> Iterator[dict[str, Any]]:
+        if self.open is not None and self.open[:2] == (shard.url, first):
+            return self.open[2]
+        settings = self.owner.stream.settings
+        return iter_samples(
+            shard.url,
+            first,
+            None,
+            self.owner.stream.retry,
+            max_member_bytes=settings.max_member_bytes,
+            stats=self.owner.read_stats,
+        )
