@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -24,14 +23,13 @@ import psutil
 import pytest
 
 from shardify.convert import ConvertOptions, convert
-from streamtrain.data.plan import Topology, worker_pieces
 from streamtrain.data.sample_log import read_sample_log
 from streamtrain.data.shards import resolve
-from streamtrain.data.stream import ShardStream, StreamConfig
 from streamtrain.train.tracking import read_metrics
 from tests import factories
 from tests.faults.conftest import FULL, FaultRecord, fault_rng, trials
-from tests.faults.s46_logs import StepLog, by_step, compare, shard_sample_ids
+from tests.faults.s46_logs import by_step, shard_sample_ids
+from tests.planned import StepLog, compare_skipping, not_yet_read, occurrences, planned_steps
 from tests.streamtrain.train.conftest import ROOT, env, tiny_overrides
 
 SCENARIO = "6. uneven or failing ranks"
@@ -134,20 +132,6 @@ def _wait_for_step(log: Path, rank: int, step: int, process: subprocess.Popen[st
         time.sleep(0.05)
 
 
-def _rank_shards_only(sources: list[Path], rank: int, epoch: int) -> list[tuple[int, str]]:
-    """(first run position, url) of the shards only ``rank`` reads in ``epoch``, in its reading order."""
-    shards = list(resolve([str(s) for s in sources]).shards)
-    readers = {r: worker_pieces(shards, Topology(2, r, 1, BATCH), 0, epoch, 0) for r in range(2)}
-    others = {shards[p.shard].url for r, pieces in readers.items() if r != rank for p in pieces}
-    position, found = 0, []
-    for piece in readers[rank]:
-        url = shards[piece.shard].url
-        if url not in others and piece.start == 0 and piece.stop == shards[piece.shard].samples:
-            found.append((position, url))
-        position += len(piece)
-    return found
-
-
 @pytest.mark.scenario(SCENARIO)
 def test_uneven_ranks_and_a_lost_shard_keep_equal_steps(
     uneven_sources: list[Path], tmp_path: Path, fault_record: FaultRecord
@@ -167,12 +151,15 @@ def test_uneven_ranks_and_a_lost_shard_keep_equal_steps(
             subprocess.run(["cp", "-r", str(original), str(source)], check=True)
         out = tmp_path / f"trial-{trial}" / "run"
         delete_after = rng.randint(0, 1)
-        candidates = [
-            (p, url) for p, url in _rank_shards_only(sources, 1, 0) if p >= (delete_after + 4) * BATCH
-        ]
-        assert candidates, "the plan gives rank 1 no shard of its own late enough to delete"
-        _, victim = rng.choice(candidates)
-        victim_ids = shard_sample_ids(victim)
+        shard_ids = {
+            shard.url: shard_sample_ids(shard.url) for shard in resolve([str(s) for s in sources]).shards
+        }
+        # Lanes read every region of the epoch at once, and a reader that has a shard open reads
+        # on after it is deleted; a shard the next epoch opens again is certain to be missed then.
+        candidates = not_yet_read(reference, shard_ids, after_step=0, margin=0, from_step=per_rank + 1)
+        assert candidates, "the next epoch's first steps open no shard"
+        victim = rng.choice(candidates)
+        victim_ids = shard_ids[victim]
         process = _start(_command(sources, out, max_steps))
         _wait_for_step(out / "samples.jsonl", 1, delete_after, process)
         Path(victim).unlink()
@@ -180,7 +167,7 @@ def test_uneven_ranks_and_a_lost_shard_keep_equal_steps(
         output = _finish(process, RUN_TIMEOUT_S)
         assert process.returncode == 0, output[-4000:]
 
-        result = compare(reference, by_step(out / "samples.jsonl"), victim_ids)
+        result = compare_skipping(reference, by_step(out / "samples.jsonl"), victim_ids)
         final = [m for m in read_metrics(out) if "data/samples" in m][-1]
         fault_record.trials += 1
         fault_record.faults += 1
@@ -188,28 +175,18 @@ def test_uneven_ranks_and_a_lost_shard_keep_equal_steps(
         fault_record.repeated += result.repeated
         assert result.same_order, "equal steps on both ranks, in the reference's order"
         assert (result.lost, result.repeated) == (0, 0), result
-        assert result.skipped == len(victim_ids), (result, deleted)
-        assert final["data/shard_errors"] == 1 and final["data/unreadable_samples"] == len(victim_ids)
+        assert 0 < result.skipped <= occurrences(reference, victim_ids), (result, deleted)
+        assert final["data/shard_errors"] >= 1  # once per lane that reached it
+        assert final["data/unreadable_samples"] == result.skipped
         assert victim in output and "missing" in output, output[-4000:]
         fault_record.survived += 1
 
 
 def _planned_order(sources: list[Path], max_steps: int) -> StepLog:
-    """Each rank's uninterrupted sample order, read by the real stream in this process (no training)."""
-    dataset = resolve([str(s) for s in sources])
-    order: StepLog = {}
-    for rank in range(2):
-        stream = ShardStream(
-            dataset,
-            Topology(2, rank, 1, BATCH),
-            lambda raw, rng: json.loads(raw["json"])["sample_id"],
-            lambda ids: {"sample_ids": ids},
-            StreamConfig(seed=0, shuffle_buffer=BATCH),
-        )
-        batches = stream._worker_batches(0, 0)
-        for step in range(1, max_steps + 1):
-            order[(step, rank)] = next(batches)[0]["sample_ids"]
-    return order
+    """Each rank's uninterrupted sample order, read by the real loader in this process (no training)."""
+    return planned_steps(
+        [str(s) for s in sources], max_steps, world_size=2, batch_size=BATCH, shuffle_buffer=BATCH
+    )
 
 
 def _rank_process(job: subprocess.Popen[str], rank: int) -> psutil.Process:

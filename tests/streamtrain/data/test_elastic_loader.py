@@ -1,0 +1,135 @@
+"""The elastic loader in process: resume with other workers or batch splits, small versioned
+state, refusals of other data, version-1 states through the fixed-topology loader, and a mixture's
+per-source counts."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shardify.convert import ConvertOptions, convert
+from streamtrain.config import DataConfig, SourceSpec
+from streamtrain.data.loader import LoaderStateError
+from streamtrain.data.pipeline import resolve_sources, train_loader
+from tests import factories
+
+
+@pytest.fixture(scope="module")
+def two_sets(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("elastic")
+    outputs = []
+    for name, count in (("big", 90), ("small", 21)):
+        rows = factories.caption_rows(count, size=(8, 8))
+        for row in rows:
+            row["sample_id"] = f"{name}-{row['sample_id']}"
+        factories.write_parquet(folder / f"{name}.parquet", rows)
+        convert(
+            [str(folder / f"{name}.parquet")],
+            ConvertOptions(output=str(folder / name), max_samples_per_shard=10),
+        )
+        outputs.append(folder / name)
+    return outputs[0], outputs[1]
+
+
+def decode(raw: dict[str, Any], rng: random.Random) -> str:
+    return json.loads(raw["json"])["sample_id"]
+
+
+def _loader(
+    train: Any, *, workers: int = 0, batch: int = 4, accum: int = 1, world: int = 1, rank: int = 0, seed=0
+):
+    data = DataConfig(train=train, num_workers=workers, shuffle_buffer=8)
+    return train_loader(
+        data,
+        resolve_sources(train),
+        rank=rank,
+        world_size=world,
+        batch_size=batch,
+        seed=seed,
+        decode=decode,
+        collate=lambda ids: {"sample_ids": ids},
+        batches_per_step=accum,
+    )
+
+
+def _steps(loader, count: int, accum: int) -> list[list[str]]:
+    steps = []
+    for _ in range(count):
+        ids = [i for _ in range(accum) for i in next(loader)["sample_ids"]]
+        steps.append(sorted(ids))
+    return steps
+
+
+def test_resume_with_other_workers_and_batch_split_gives_the_same_steps(two_sets) -> None:
+    big, _ = two_sets
+    reference = _loader(str(big), batch=8)
+    expected = _steps(reference, 30, 1)  # crosses epochs: 90 samples are 11 steps of 8
+    reference.shutdown()
+
+    first = _loader(str(big), workers=2, batch=8)
+    got = _steps(first, 7, 1)
+    state = first.state_dict()
+    first.shutdown()
+    assert len(json.dumps(state)) < 4096 and state["version"] == 2
+    second = _loader(str(big), workers=3, batch=2, accum=4)
+    second.load_state_dict(state)
+    got += _steps(second, 12, 4)
+    state = second.state_dict()
+    second.shutdown()
+    third = _loader(str(big), workers=1, batch=4, accum=2)
+    third.load_state_dict(state)
+    got += _steps(third, 11, 2)
+    third.shutdown()
+    assert got == expected
+
+
+def test_a_state_for_other_data_or_another_seed_is_refused(two_sets) -> None:
+    big, small = two_sets
+    loader = _loader(str(big))
+    _steps(loader, 2, 1)
+    state = loader.state_dict()
+    loader.shutdown()
+    with pytest.raises(LoaderStateError, match="dataset: saved"):
+        _loader(str(small)).load_state_dict(state)
+    with pytest.raises(LoaderStateError, match="seed: saved 0, now 5"):
+        _loader(str(big), seed=5).load_state_dict(state)
+    mixture = [SourceSpec(path=str(big), weight=1), SourceSpec(path=str(small), weight=1)]
+    with pytest.raises(LoaderStateError, match="dataset: saved"):  # a mixture of the same shards
+        _loader(mixture).load_state_dict(state)
+
+
+def test_a_version_1_state_resumes_through_the_fixed_topology_loader(two_sets) -> None:
+    big, _ = two_sets
+    legacy = _loader(str(big)).legacy_factory()  # the loader earlier versions used
+    before = [next(legacy)["sample_ids"] for _ in range(3)]
+    state = legacy.state_dict()
+    after = [next(legacy)["sample_ids"] for _ in range(4)]
+    legacy.shutdown()
+    assert state["version"] == 1 and before
+
+    resumed = _loader(str(big))
+    resumed.load_state_dict(state)
+    assert [next(resumed)["sample_ids"] for _ in range(4)] == after
+    assert resumed.state_dict()["version"] == 1  # it goes on saving what it resumed from
+    resumed.shutdown()
+
+
+def test_a_mixture_counts_each_source_and_cycles_the_small_one(two_sets) -> None:
+    big, small = two_sets
+    mixture = [
+        SourceSpec(path=str(big), weight=1, name="big"),
+        SourceSpec(path=str(small), weight={0: 1, 5: 3}, name="small"),
+    ]
+    loader = _loader(mixture, batch=8)
+    steps = _steps(loader, 20, 1)
+    stats, metrics = loader.read_stats, loader.source_metrics()
+    loader.shutdown()
+    for number, ids in enumerate(steps, start=1):
+        small_count = sum(i.startswith("small") for i in ids)
+        assert small_count == (4 if number < 5 else 6), number
+    assert stats["big/samples"] + stats["small/samples"] == stats["samples"] == 160
+    assert metrics["data/small/epoch"] > 5 and metrics["data/big/epoch"] < 1
