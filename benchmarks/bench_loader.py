@@ -40,9 +40,14 @@ import webdataset as wds  # noqa: E402
 from benchmarks.bench_shardify import peak_rss_mb, pixmo_photo  # noqa: E402
 from shardify.convert import ConvertOptions, convert  # noqa: E402
 from shardify.tarread import iter_samples  # noqa: E402
+from streamtrain.config import DataConfig, SourceSpec  # noqa: E402
 from streamtrain.data.collate import collate_alignment  # noqa: E402
+from streamtrain.data.dataset import ShardInfo  # noqa: E402
 from streamtrain.data.decoders import CaptionDecoder  # noqa: E402
-from streamtrain.data.loader import StreamLoader  # noqa: E402
+from streamtrain.data.elastic import Layout, Progress, StreamSource  # noqa: E402
+from streamtrain.data.lanes import Windows, position_of  # noqa: E402
+from streamtrain.data.loader import ElasticLoader, StreamLoader  # noqa: E402
+from streamtrain.data.pipeline import resolve_sources, train_loader  # noqa: E402
 from streamtrain.data.plan import Topology  # noqa: E402
 from streamtrain.data.shards import resolve  # noqa: E402
 from streamtrain.data.stream import ShardStream, StreamConfig  # noqa: E402
@@ -148,10 +153,36 @@ def tree_cpu_s() -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def stream_loader(shards: str, workers: int, batch: int, decoder: CaptionDecoder) -> StreamLoader:
+def fixed_loader(shards: str, workers: int, batch: int, decoder: CaptionDecoder) -> StreamLoader:
+    """The fixed-topology loader of earlier versions (state version 1)."""
     topology = Topology(world_size=1, rank=0, num_workers=workers, batch_size=batch)
     config = StreamConfig(seed=0, shuffle_buffer=256)
     return StreamLoader(ShardStream(resolve(shards), topology, decoder, collate_alignment, config))
+
+
+def stream_loader(train: Any, workers: int, batch: int, decoder: CaptionDecoder) -> ElasticLoader:
+    """The loader training uses: elastic lanes, a mixture when ``train`` lists weighted sources."""
+    data = DataConfig(train=train, num_workers=workers, shuffle_buffer=256)
+    return train_loader(
+        data,
+        resolve_sources(train),
+        rank=0,
+        world_size=1,
+        batch_size=batch,
+        seed=0,
+        decode=decoder,
+        collate=collate_alignment,
+    )
+
+
+def mixture(shards: str, parts: int) -> Any:
+    """The shards of ``shards`` as ``parts`` equally weighted sources (1: the plain source)."""
+    urls = sorted(shard.url for shard in resolve(shards).shards)
+    if parts == 1:
+        return shards
+    size = -(-len(urls) // parts)
+    groups = [urls[i : i + size] for i in range(0, len(urls), size)]
+    return [SourceSpec(path=group, weight=1, name=f"part{i}") for i, group in enumerate(groups)]
 
 
 def time_batches(batches: Iterator[Any], workers: int, samples: int, size: Any) -> dict:
@@ -169,6 +200,48 @@ def time_batches(batches: Iterator[Any], workers: int, samples: int, size: Any) 
 def child_streamtrain(shards: str, workers: int, samples: int) -> dict:
     loader = stream_loader(shards, workers, BATCH, CaptionDecoder(image_size=224, train=True))
     return time_batches(loader, workers, samples, lambda b: len(b["sample_ids"]))
+
+
+def child_fixed(shards: str, workers: int, samples: int) -> dict:
+    loader = fixed_loader(shards, workers, BATCH, CaptionDecoder(image_size=224, train=True))
+    return time_batches(loader, workers, samples, lambda b: len(b["sample_ids"]))
+
+
+def child_mixture(shards: str, workers: int, samples: int, parts: int) -> dict:
+    train = mixture(shards, parts)
+    loader = stream_loader(train, workers, BATCH, CaptionDecoder(image_size=224, train=True))
+    result = time_batches(loader, workers, samples, lambda b: len(b["sample_ids"]))
+    result["rss_mb"] = tree_mb("VmRSS")
+    return result
+
+
+def child_replan(shards: int, ranks: int, workers: int) -> dict:
+    """Resume arithmetic at scale: a state saved on ``ranks`` ranks continued on half as many, up
+    to knowing what one worker of one rank reads in its first step (no I/O: the manifest's counts)."""
+    per_rank = 16
+    source = StreamSource("train", tuple(ShardInfo(f"s3://b/{i:07d}.tar", 1000) for i in range(shards)))
+    saved = Layout((source,), 0, ranks, per_rank, 256)
+    progress = Progress.start(saved)
+    shapes = saved.shapes()
+    for _ in range(3):
+        progress.advance(saved, shapes)
+    state = progress.cursors[0].to_dict()
+    started = time.perf_counter()
+    layout = Layout((source,), 0, ranks // 2, per_rank * 3, 256)  # another topology and batch
+    from streamtrain.data.lanes import Cursor, ShardOrder
+
+    cursor = Cursor.from_dict(source.samples, layout.windows(0), state)
+    resumed = Progress(3, [cursor])
+    resumed.fit(layout)
+    taken = resumed.advance(layout, layout.shapes())[0]
+    order = ShardOrder.draw([s.samples for s in source.shards], 0, "train", cursor.epoch)
+    windows = Windows(0, "train", 256)
+    q = layout.shapes()[0].q
+    mine = [t for t in taken if t.t % q % workers == 0]  # worker 0 of 16
+    located = [order.locate(position_of(windows, ranks // 2 - 1, t, source.samples)) for t in mine]
+    seconds = time.perf_counter() - started
+    levels = len(resumed.cursors[0].levels)
+    return {"seconds": seconds, "samples_located": len(located), "levels": levels, "state": state}
 
 
 def child_webdataset(shards: str, workers: int, samples: int) -> dict:
@@ -228,12 +301,12 @@ def reduced_decode(raw: list[dict]) -> dict:
 
 def child_resume(shards: str, workers: int, batches: int) -> dict:
     decoder = CaptionDecoder(image_size=16, train=False)
-    # The loader's position is exactly its "batches" count (the other fields only identify the
-    # configuration it is valid for, including num_workers, so a state saved by a num_workers=0
-    # loader would be refused here). Setting it on a fresh loader's state is therefore the state
-    # that consuming that many batches would have saved, without reading them.
-    state = stream_loader(shards, workers, RESUME_BATCH, decoder).state_dict()
-    state["batches"] = batches
+    # The loader's position is its Progress: advancing it by arithmetic alone (no reads) gives
+    # the state that consuming that many steps would have saved.
+    saver = stream_loader(shards, workers, RESUME_BATCH, decoder)
+    for _ in range(batches):
+        saver.progress.advance(saver.layout, saver.stream.shapes)
+    state = saver.state_dict()
     started = time.perf_counter()
     loader = stream_loader(shards, workers, RESUME_BATCH, decoder)
     loader.load_state_dict(state)
@@ -247,7 +320,7 @@ def child_rss(shards: str, workers: int, epochs: int) -> dict:
     series = []
     for _ in range(epochs):
         started = time.perf_counter()
-        for _ in range(loader.stream.batches_per_epoch):
+        for _ in range(loader.batches_per_epoch):
             next(loader)
         seconds = time.perf_counter() - started
         series.append({"rss_mb": tree_mb("VmRSS"), "pss_mb": tree_mb("Pss"), "seconds": seconds})
@@ -265,8 +338,11 @@ def run_child(*args: str) -> dict:
 def child_main(argv: list[str]) -> None:
     mode, shards, *numbers = argv
     measure = {"streamtrain": child_streamtrain, "webdataset": child_webdataset, "limit": child_limit}
-    measure |= {"resume": child_resume, "rss": child_rss}
-    result = measure[mode](shards, *map(int, numbers))
+    measure |= {"resume": child_resume, "rss": child_rss, "fixed": child_fixed, "mixture": child_mixture}
+    if mode == "replan":
+        result = child_replan(int(shards), *map(int, numbers))
+    else:
+        result = measure[mode](shards, *map(int, numbers))
     result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result))
 
@@ -291,6 +367,12 @@ def main() -> None:
         "--resume-samples", type=int, default=101_000, help="tiny samples for the resume test (0 skips it)"
     )
     parser.add_argument("--epochs", type=int, default=4, help="epochs of the RSS run (0 skips it)")
+    parser.add_argument(
+        "--mixtures", type=int, default=1, help="1: time 1-, 3- and 8-source mixtures (0 skips)"
+    )
+    parser.add_argument(
+        "--replan-shards", type=int, default=1_000_000, help="shards of the re-plan measurement (0 skips it)"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs per speed measurement; fastest counts")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
@@ -301,12 +383,31 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-loader-") as scratch:
         work = Path(scratch)
         print(f"making {DISTINCT_PHOTOS} distinct 1024x768 photos ...", file=sys.stderr)
-        photos = make_shards(work, "photos", n, [pixmo_photo(s) for s in range(DISTINCT_PHOTOS)], 250, True)
+        # Shards of 1/24 of the set, so that 1, 3 and 8 sources each get whole shards.
+        per_shard = max(1, n // 24)
+        photos = make_shards(
+            work, "photos", n, [pixmo_photo(s) for s in range(DISTINCT_PHOTOS)], per_shard, True
+        )
         results: dict = {"workers": k, "samples": n, "cpus": cores, "batch": BATCH}
         print("measuring throughput ...", file=sys.stderr)
         results["streamtrain"] = best_of(args.repeats, "streamtrain", photos, str(k), str(n))
+        results["fixed"] = best_of(args.repeats, "fixed", photos, str(k), str(n))
         results["webdataset"] = best_of(args.repeats, "webdataset", photos, str(k), str(n))
         results["limit"] = best_of(args.repeats, "limit", photos, str(n))
+        if args.mixtures:
+            print("measuring mixtures ...", file=sys.stderr)
+            results["mixture"] = {
+                parts: best_of(args.repeats, "mixture", photos, str(k), str(n), str(parts))
+                for parts in (1, 3, 8)
+            }
+        if args.replan_shards:
+            print("measuring re-planning at scale ...", file=sys.stderr)
+            results["replan"] = {
+                "shards": args.replan_shards,
+                "ranks": 1024,
+                "workers": 16,
+                **best_of(3, "replan", str(args.replan_shards), "1024", "16"),
+            }
         if args.epochs:
             print(f"running {args.epochs} epochs for RSS ...", file=sys.stderr)
             results["rss"] = run_child("rss", photos, str(k), str(args.epochs))
@@ -344,7 +445,8 @@ def report(r: dict) -> None:
     print("| run | samples/s | CPU ms/sample | peak RSS MB (main) | peak RSS MB (main + workers) | ratio |")
     print("|---|---:|---:|---:|---:|---|")
     rows = [
-        ("streamtrain StreamLoader", r["streamtrain"], stream),
+        ("streamtrain (elastic lanes)", r["streamtrain"], stream),
+        ("streamtrain fixed-topology loader (version 1)", r["fixed"], rate(r["fixed"])),
         ("webdataset: decode('pil') + same transform", r["webdataset"], plain),
         (f"limit: CaptionDecoder in memory, 1 core x {usable}", lim, limit),
     ]
@@ -370,6 +472,25 @@ def report(r: dict) -> None:
         f"({reduced['reduced_per_s'] / reduced['full_per_s']:.2f}x); largest per-image mean |difference| of "
         f"the normalised tensors: {reduced['max_mean_abs_diff']:.4f}"
     )
+    if "mixture" in r:
+        mix = r["mixture"]
+        single = rate(mix["1"] if "1" in mix else mix[1])
+        print("\nmixtures of the same photos, equal weights (each source its own lanes and epochs):\n")
+        print("| sources | samples/s | ratio to one source | RSS MB (main + workers) after one epoch |")
+        print("|---:|---:|---|---:|")
+        for parts, m in mix.items():
+            print(
+                f"| {parts} | {rate(m):,.0f} | {rate(m) / single:.2f}x (goal >= 0.95) | {m['rss_mb']:,.0f} |"
+            )
+    if "replan" in r:
+        rp = r["replan"]
+        ranks = f"{rp['ranks']:,} -> {rp['ranks'] // 2:,} ranks"
+        print(
+            f"\nre-planning a resume at {rp['shards']:,} shards, {ranks}, {rp['workers']} workers "
+            f"(state to one worker's first-step reads, {rp['samples_located']} samples located, "
+            f"{rp['levels']} levels): {rp['seconds']:.3f} s (goal < 1 s); the state: "
+            f"{len(json.dumps(rp['state']))} bytes"
+        )
     if "resume" in r:
         res = r["resume"]
         print(f"\nresume on {r['resume_samples']:,} tiny samples (batch {RESUME_BATCH}, {k} workers):\n")

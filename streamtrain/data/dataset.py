@@ -35,7 +35,7 @@ class Source:
     schedule: Schedule | None = None
     """Its weight over the steps when it is one source of a mixture; None otherwise."""
 
-    @property
+    @cached_property
     def samples(self) -> int:
         return sum(shard.samples for shard in self.shards)
 

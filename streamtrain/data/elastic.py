@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -55,7 +56,7 @@ class StreamSource:
     shards: tuple[ShardInfo, ...]
     schedule: Schedule | None = None
 
-    @property
+    @cached_property
     def samples(self) -> int:
         return sum(shard.samples for shard in self.shards)
 
@@ -76,6 +77,10 @@ class Layout:
 
     def shapes(self) -> list[LevelShape]:
         """How each source is laned on this topology (PlanError when it cannot be)."""
+        return list(self._shapes)
+
+    @cached_property
+    def _shapes(self) -> tuple[LevelShape, ...]:
         shapes = []
         for source in self.sources:
             try:
@@ -87,7 +92,7 @@ class Layout:
                 ) from None
             shapes.append(LevelShape(self.world_size, q))
         self.check_shares()
-        return shapes
+        return tuple(shapes)
 
     def check_shares(self) -> None:
         """A weighted source must hold at least its largest share of one global batch."""

@@ -87,6 +87,14 @@ class Backend:
 
     def load(self, directory: Path) -> None:
         acc = self.accelerator
+        saved = len(list(directory.glob("random_states_*.pkl")))
+        if self.deepspeed and saved and saved != acc.num_processes:
+            raise UserError(
+                f"{directory} was saved by {saved} DeepSpeed processes and this run has "
+                f"{acc.num_processes}: DeepSpeed's optimizer state is partitioned per process, so "
+                f"resume it on {saved} processes (the data stream itself resumes on any number; "
+                "without train.deepspeed the whole checkpoint does)"
+            )
         # Accelerate unpickles with weights_only=True, which refuses anything but tensors and
         # plain values, yet it passes over a random-state file it cannot load in silence: load
         # that one first, so a refused file always stops the resume.
