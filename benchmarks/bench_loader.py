@@ -42,9 +42,9 @@ from shardify.convert import ConvertOptions, convert  # noqa: E402
 from shardify.tarread import iter_samples  # noqa: E402
 from streamtrain.config import DataConfig, SourceSpec  # noqa: E402
 from streamtrain.data.collate import collate_alignment  # noqa: E402
-from streamtrain.data.dataset import ShardInfo  # noqa: E402
+from streamtrain.data.dataset import ShardInfo, Source  # noqa: E402
 from streamtrain.data.decoders import CaptionDecoder  # noqa: E402
-from streamtrain.data.elastic import Layout, Progress, StreamSource  # noqa: E402
+from streamtrain.data.elastic import Layout, Progress  # noqa: E402
 from streamtrain.data.lanes import Windows, position_of  # noqa: E402
 from streamtrain.data.loader import ElasticLoader, StreamLoader  # noqa: E402
 from streamtrain.data.pipeline import resolve_sources, train_loader  # noqa: E402
@@ -219,7 +219,7 @@ def child_replan(shards: int, ranks: int, workers: int) -> dict:
     """Resume arithmetic at scale: a state saved on ``ranks`` ranks continued on half as many, up
     to knowing what one worker of one rank reads in its first step (no I/O: the manifest's counts)."""
     per_rank = 16
-    source = StreamSource("train", tuple(ShardInfo(f"s3://b/{i:07d}.tar", 1000) for i in range(shards)))
+    source = Source("train", tuple(ShardInfo(f"s3://b/{i:07d}.tar", 1000) for i in range(shards)))
     saved = Layout((source,), 0, ranks, per_rank, 256)
     progress = Progress.start(saved)
     shapes = saved.shapes()

@@ -29,9 +29,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shardify.bytestream import RateLimitedLog, ReadStats, RetryPolicy, ShardReadError
-from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES, iter_samples
+from shardify.tarread import iter_samples
 from streamtrain.data.counts import Decode, count_reads, decode_samples
-from streamtrain.data.dataset import ShardInfo
+from streamtrain.data.dataset import ShardInfo, Source
 from streamtrain.data.lanes import (
     Cursor,
     Level,
@@ -42,30 +42,18 @@ from streamtrain.data.lanes import (
     lanes_per_rank,
     level_of,
 )
-from streamtrain.data.mixture import Schedule, apportion
+from streamtrain.data.mixture import apportion
 from streamtrain.data.plan import PlanError, derive_seed
+from streamtrain.data.stream import StreamConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StreamSource:
-    """One source of the stream: its label (for logs), shards and weight (None: the only one)."""
-
-    name: str
-    shards: tuple[ShardInfo, ...]
-    schedule: Schedule | None = None
-
-    @cached_property
-    def samples(self) -> int:
-        return sum(shard.samples for shard in self.shards)
 
 
 @dataclass(frozen=True)
 class Layout:
     """What the plan needs of the run: sources, seed, ranks and the per-rank step size."""
 
-    sources: tuple[StreamSource, ...]
+    sources: tuple[Source, ...]
     seed: int
     world_size: int
     per_rank: int
@@ -154,14 +142,6 @@ class Progress:
         ]
 
 
-@dataclass(frozen=True)
-class StreamSettings:
-    seed: int = 0
-    shuffle_buffer: int = 256
-    warn_every_s: float = 30.0
-    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
-
-
 class ElasticStream(IterableDataset):
     """Every step from ``start.step + 1`` on, as ``(step, [(slot, sample or None)], counts)``.
 
@@ -175,7 +155,7 @@ class ElasticStream(IterableDataset):
         rank: int,
         num_workers: int,
         decode: Decode,
-        settings: StreamSettings,
+        settings: StreamConfig,
         retry: RetryPolicy | None = None,
     ) -> None:
         self.layout = layout

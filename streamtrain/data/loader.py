@@ -182,12 +182,7 @@ class StreamLoader:
             raise LoaderStateError(
                 f"data loader state version {state.get('version')!r} is not {STATE_VERSION}"
             )
-        expected = self._identity()
-        changed = [
-            f"{key}: saved {state.get(key)!r}, now {value!r}"
-            for key, value in expected.items()
-            if state.get(key) != value
-        ]
+        changed = _changed(self._identity(), state)
         if changed:
             raise LoaderStateError(
                 "cannot resume the data stream exactly, its configuration changed ("
@@ -404,12 +399,7 @@ class ElasticLoader:
             raise LoaderStateError(
                 f"data loader state version {state.get('version')!r} is not {ELASTIC_STATE_VERSION}"
             )
-        expected = self._identity()
-        changed = [
-            f"{key}: saved {state.get(key)!r}, now {value!r}"
-            for key, value in expected.items()
-            if state.get(key) != value
-        ]
+        changed = _changed(self._identity(), state)
         if changed:
             raise LoaderStateError(
                 "cannot continue the data stream, the data or its order changed ("
@@ -440,3 +430,12 @@ def _sample_ids(batch: Any) -> list[str]:
     if not isinstance(batch, dict) or "sample_ids" not in batch:
         raise TypeError("data.sample_log needs batches that carry 'sample_ids' (a dict from the collate)")
     return list(batch["sample_ids"])
+
+
+def _changed(expected: dict[str, Any], state: dict[str, Any]) -> list[str]:
+    """What a saved state says differently from ``expected``, one ``key: saved x, now y`` each."""
+    return [
+        f"{key}: saved {state.get(key)!r}, now {value!r}"
+        for key, value in expected.items()
+        if state.get(key) != value
+    ]

@@ -13,7 +13,7 @@ from typing import Any
 from shardify.bytestream import RetryPolicy
 from streamtrain.config import DataConfig, EvalConfig, SourceSpec, source_name
 from streamtrain.data.dataset import Dataset, Source
-from streamtrain.data.elastic import ElasticStream, Layout, StreamSettings, StreamSource
+from streamtrain.data.elastic import ElasticStream, Layout
 from streamtrain.data.eval import EvalStream, eval_batches
 from streamtrain.data.loader import ElasticLoader, StreamLoader
 from streamtrain.data.mixture import schedule
@@ -67,12 +67,9 @@ def train_loader(
 ) -> ElasticLoader:
     """This rank's endless batches of ``dataset``, resumable on any topology (PlanError when
     the data cannot give every rank a step)."""
-    if dataset.mixture:
-        sources = tuple(StreamSource(s.name, s.shards, s.schedule) for s in dataset.sources)
-    else:
-        sources = (StreamSource("train", dataset.shards),)
+    sources = dataset.sources if dataset.mixture else (Source("train", dataset.shards),)
     layout = Layout(sources, seed, world_size, batch_size * batches_per_step, data.shuffle_buffer)
-    settings = StreamSettings(
+    settings = StreamConfig(
         seed=seed, shuffle_buffer=data.shuffle_buffer, max_member_bytes=_member_bytes(data)
     )
     stream = ElasticStream(layout, rank, data.num_workers, decode, settings, retry_policy(data))
@@ -83,10 +80,7 @@ def train_loader(
         topology = Topology(
             world_size=world_size, rank=rank, num_workers=data.num_workers, batch_size=batch_size
         )
-        config = StreamConfig(
-            seed=seed, shuffle_buffer=data.shuffle_buffer, max_member_bytes=_member_bytes(data)
-        )
-        legacy = ShardStream(dataset, topology, decode, collate, config, retry_policy(data))
+        legacy = ShardStream(dataset, topology, decode, collate, settings, retry_policy(data))
         return StreamLoader(
             legacy,
             prefetch_factor=data.prefetch_factor,

@@ -14,13 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from streamtrain.config import load_config
+from streamtrain.config import DataConfig, load_config
 from streamtrain.data.collate import collate_alignment
 from streamtrain.data.decoders import CaptionDecoder
-from streamtrain.data.loader import StreamLoader
-from streamtrain.data.plan import Topology
-from streamtrain.data.shards import resolve
-from streamtrain.data.stream import ShardStream, StreamConfig
+from streamtrain.data.pipeline import resolve_sources, train_loader
 from streamtrain.tasks import TASKS, model_types
 from streamtrain.train import checkpoint
 from streamtrain.train.tracking import read_metrics
@@ -108,16 +105,19 @@ def test_deepspeed_zero2_on_cuda_saves_and_resumes(setup: dict[str, Path], tmp_p
 def test_loader_to_gpu_throughput(setup: dict[str, Path]) -> None:
     """Batches of 224 px train-transformed images delivered onto the GPU, K workers, pinned memory."""
     device = torch.device("cuda")
-    dataset = resolve(str(setup["train"]))
     workers = min(8, os.cpu_count() or 1)
-    stream = ShardStream(
-        dataset,
-        Topology(num_workers=workers, batch_size=64),
-        CaptionDecoder(image_size=224, train=True),
-        collate_alignment,
-        StreamConfig(seed=0, shuffle_buffer=256),
+    data = DataConfig(train=str(setup["train"]), num_workers=workers, shuffle_buffer=256)
+    loader = train_loader(
+        data,
+        resolve_sources(data.train),
+        rank=0,
+        world_size=1,
+        batch_size=64,
+        seed=0,
+        decode=CaptionDecoder(image_size=224, train=True),
+        collate=collate_alignment,
+        pin_memory=True,
     )
-    loader = StreamLoader(stream, pin_memory=True)
     for _ in range(workers):  # start-up: every worker delivers once
         next(loader)
     started, samples = time.perf_counter(), 0

@@ -10,20 +10,20 @@ from fractions import Fraction
 
 import pytest
 
-from streamtrain.data.dataset import ShardInfo
-from streamtrain.data.elastic import Layout, Progress, StreamSource
+from streamtrain.data.dataset import ShardInfo, Source
+from streamtrain.data.elastic import Layout, Progress
 from streamtrain.data.lanes import Windows, position_of
 from streamtrain.data.mixture import apportion, schedule, silent_steps, weight_problems
 from streamtrain.data.plan import PlanError
 
 
-def _sources(sizes: list[int], weights: list | None = None, shard: int = 37) -> tuple[StreamSource, ...]:
+def _sources(sizes: list[int], weights: list | None = None, shard: int = 37) -> tuple[Source, ...]:
     """Sources of ``sizes`` samples, cut into shards of ``shard`` (the last one shorter)."""
     found = []
     for i, size in enumerate(sizes):
         counts = [shard] * (size // shard) + ([size % shard] if size % shard else [])
         shards = tuple(ShardInfo(f"s{i}/{k}.tar", n) for k, n in enumerate(counts))
-        found.append(StreamSource(f"s{i}", shards, schedule(weights[i]) if weights else None))
+        found.append(Source(f"s{i}", shards, schedule(weights[i]) if weights else None))
     return tuple(found)
 
 

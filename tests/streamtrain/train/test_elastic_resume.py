@@ -157,7 +157,9 @@ def test_a_mixture_with_a_schedule_resumes_after_sigkill_as_if_never_stopped(
     train = f"[{{path: {big}, weight: 1, name: big}}, {{path: {small}, weight: {{0: 1, 9: 3}}, name: small}}]"
     out = tmp_path / "mix"
     steps = 30
-    args = _args(tiny, out, train, **{"train.batch_size": 16, "train.max_steps": steps})
+    held_out = f"[{{path: {small}}}, {{path: {big}, name: big_eval}}]"  # named: reported apart too
+    extra = {"train.batch_size": 16, "train.max_steps": steps, "data.eval": held_out}
+    args = _args(tiny, out, train, **extra)
     _run_and_kill_tree(args, 1, out, after_step=7)
     _run(args, 1)
 
@@ -178,6 +180,10 @@ def test_a_mixture_with_a_schedule_resumes_after_sigkill_as_if_never_stopped(
     final = [m for m in read_metrics(out) if "data/small/epoch" in m][-1]
     assert 1 < final["data/small/epoch"] < 2 and final["data/big/epoch"] < 1
     assert final["data/small/samples"] + final["data/big/samples"] == final["data/samples"] == steps * 16
+    evaluated = [m for m in read_metrics(out) if any(k.startswith("eval/") for k in m)][-1]
+    for name in ("eval", "big_eval"):  # each named held-out source, beside the overall metrics
+        assert any(key.startswith(f"eval/{name}/") for key in evaluated), sorted(evaluated)
+    assert any(key.startswith("eval/") and key.count("/") == 1 for key in evaluated)
 
 
 def train_list(big: Path, small: Path) -> list:
