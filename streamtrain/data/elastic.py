@@ -177,7 +177,7 @@ class ElasticStream(IterableDataset):
         )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def __iter__(self) -> Iterator[tuple[int, list[tuple[int, Any]], dict[str, int]]]:
+    def __iter__(self) -> Iterator[tuple[int, Packed, dict[str, int]]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         return _WorkerReader(self, worker).steps()
@@ -197,7 +197,7 @@ class _WorkerReader:
         self.failed: set[tuple[int, int, str]] = set()
         self.mixed = len(self.layout.sources) > 1
 
-    def steps(self) -> Iterator[tuple[int, list[tuple[int, Any]], dict[str, int]]]:
+    def steps(self) -> Iterator[tuple[int, Packed, dict[str, int]]]:
         progress = self.stream.start.copy()
         while True:
             taken = progress.advance(self.layout, self.stream.shapes)
@@ -213,7 +213,7 @@ class _WorkerReader:
             for index, cursor in enumerate(progress.cursors):
                 self._forget_finished(index, cursor)
             count_reads(self.read_stats, counts)
-            yield progress.step, slots, dict(counts)
+            yield progress.step, Packed.of(slots, in_worker=get_worker_info() is not None), dict(counts)
 
     def _sample(self, index: int, where: Taken, counts: Counter[str]) -> Any:
         source = self.layout.sources[index]
@@ -227,7 +227,7 @@ class _WorkerReader:
             reader = self.lanes[key] = _Lane(self, index, windows, where.level_index, level, lane)
         raw, position = reader.get(where.t // q)
         seed = derive_seed("sample", self.stream.settings.seed, source.name, where.epoch, position)
-        torch.manual_seed(seed % (1 << 63))
+        torch.default_generator.manual_seed(seed % (1 << 63))  # CPU only: no lazy device seeding
         found: Counter[str] = Counter(reader.take_counts())
         decoded = decode_samples([raw], self.stream.decode, random.Random(seed), found, self.warnings)
         counts.update(found)
@@ -340,3 +340,49 @@ class _Lane:
             max_member_bytes=settings.max_member_bytes,
             stats=self.owner.read_stats,
         )
+
+
+@dataclass
+class Packed:
+    """One worker's samples of a step, with each tensor field stacked into one tensor.
+
+    Handing a step's samples to the main process one tensor each costs a shared-memory segment
+    per tensor; stacked, it is one per field. The main process takes them apart as views.
+    """
+
+    slots: list[int]
+    stacked: dict[str, torch.Tensor]
+    rest: list[Any]
+    """Per slot: the sample's other fields (a dict), or the sample itself when not a dict."""
+
+    @classmethod
+    def of(cls, slots: list[tuple[int, Any]], in_worker: bool) -> Packed:
+        kept = [(slot, sample) for slot, sample in slots if sample is not None]
+        samples = [sample for _, sample in kept]
+        stacked: dict[str, torch.Tensor] = {}
+        if samples and all(isinstance(sample, dict) for sample in samples):
+            for key, value in samples[0].items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                values = [sample.get(key) for sample in samples]
+                if all(
+                    isinstance(v, torch.Tensor) and v.shape == value.shape and v.dtype == value.dtype
+                    for v in values
+                ):
+                    out = torch.empty((len(values), *value.shape), dtype=value.dtype)
+                    if in_worker:  # straight into shared memory, as default_collate does in a worker
+                        out.share_memory_()
+                    stacked[key] = torch.stack(values, out=out)
+            rest = [{k: v for k, v in sample.items() if k not in stacked} for sample in samples]
+        else:
+            rest = samples
+        return cls([slot for slot, _ in kept], stacked, rest)
+
+    def items(self) -> list[tuple[int, Any]]:
+        """``(slot, sample)`` pairs again; stacked fields come back as views of one tensor."""
+        if not self.stacked:
+            return list(zip(self.slots, self.rest, strict=True))
+        return [
+            (slot, {**rest, **{key: tensor[row] for key, tensor in self.stacked.items()}})
+            for row, (slot, rest) in enumerate(zip(self.slots, self.rest, strict=True))
+        ]

@@ -13,7 +13,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from streamtrain.data.counts import Collate
-from streamtrain.data.elastic import ElasticStream, Layout, Progress
+from streamtrain.data.elastic import ElasticStream, Layout, Packed, Progress
 from streamtrain.data.lanes import Cursor
 from streamtrain.data.mixture import decode_carries, encode_carries
 from streamtrain.data.plan import derive_seed
@@ -241,7 +241,7 @@ class ElasticLoader:
         self._pending: deque[Any] = deque()
         self._step_ids: list[str] = []
         self._next_progress: Progress | None = None
-        self._iterator: Iterator[tuple[int, list[tuple[int, Any]], dict[str, int]]] | None = None
+        self._iterator: Iterator[tuple[int, Packed, dict[str, int]]] | None = None
 
     @property
     def read_stats(self) -> Counter[str]:
@@ -320,7 +320,7 @@ class ElasticLoader:
             step, items, counts = next(self._iterator)
             if step != progress.step:
                 raise RuntimeError(f"data worker sent step {step} where step {progress.step} was due")
-            for slot, sample in items:
+            for slot, sample in items.items():
                 slots[slot] = sample
             self._read_stats.update(counts)
         dropped = sum(c.dropped for c in progress.cursors) - sum(c.dropped for c in self.progress.cursors)

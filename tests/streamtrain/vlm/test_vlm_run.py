@@ -213,3 +213,39 @@ def test_bundled_recipe_learns(qa_shards: dict[str, Path], tiny_decoder: Path, t
     assert metrics["eval/samples"] == 96
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}; {metrics}")
     assert metrics["eval/exact_match"] >= 0.45, metrics
+
+
+def test_a_vlm_mixture_of_qa_sets_holds_each_share_every_step(
+    qa_shards: dict[str, Path], alignment_checkpoint: Path, tiny_decoder: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "mix"
+    qa_sets = (
+        f"[{{path: {qa_shards['train']}, weight: 3, name: ama}}, "
+        f"{{path: {qa_shards['eval']}, weight: {{0: 1, 3: 0}}, name: docs}}]"
+    )
+    args = vlm_overrides(
+        qa_shards,
+        alignment_checkpoint,
+        tiny_decoder,
+        out,
+        **{
+            "data.train": qa_sets,
+            "data.eval": "null",
+            "data.sample_log": out / "s.jsonl",
+            "train.max_steps": 4,
+            "checkpoint.every_steps": 0,
+        },
+    )
+    config = load_config(RECIPE, args, model_types())
+    Trainer(config, TASKS["vlm_qa"](config)).fit()
+    docs = {line["sample_id"] for line in _qa_rows(qa_shards["eval"])}
+    counts = [sum(i in docs for i in ids) for _, ids in sorted(by_step(out / "s.jsonl").items())]
+    assert counts == [4, 4, 0, 0]  # 16 per step: a quarter until step 3, then none (switched off)
+    final = [m for m in read_metrics(out) if "data/docs/samples" in m][-1]
+    assert final["data/docs/samples"] == 8 and final["data/ama/samples"] == 56
+
+
+def _qa_rows(folder: Path) -> list[dict]:
+    from shardify.tarread import iter_samples
+
+    return [json.loads(s["json"]) for shard in sorted(folder.glob("*.tar")) for s in iter_samples(str(shard))]
