@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -133,3 +134,28 @@ def test_a_mixture_counts_each_source_and_cycles_the_small_one(two_sets) -> None
         assert small_count == (4 if number < 5 else 6), number
     assert stats["big/samples"] + stats["small/samples"] == stats["samples"] == 160
     assert metrics["data/small/epoch"] > 5 and metrics["data/big/epoch"] < 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing", "garbage"])
+def test_a_damaged_shard_is_skipped_counted_and_never_stops_the_epoch(
+    two_sets, tmp_path: Path, damage
+) -> None:
+    big, _ = two_sets
+    copy = tmp_path / "big"
+    shutil.copytree(big, copy)
+    victim = sorted(copy.glob("*.tar"))[3]
+    if damage == "truncated":
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    elif damage == "missing":
+        victim.unlink()
+    else:
+        victim.write_bytes(b"not a tar at all" * 100)
+    loader = _loader(str(copy), workers=2, batch=8)
+    steps = 90 // 8  # one epoch: 11 steps, 2 samples left out
+    delivered = [i for _ in range(steps) for i in (next(loader) or {"sample_ids": []})["sample_ids"]]
+    stats = loader.read_stats
+    loader.shutdown()
+    assert len(delivered) == len(set(delivered)) == stats["samples"]
+    assert stats["shard_errors"] >= 1
+    assert stats["samples"] + stats["unreadable_samples"] + stats["decode_errors"] == steps * 8
+    assert stats["unreadable_samples"] + stats["decode_errors"] <= 10  # at most the damaged shard's samples
