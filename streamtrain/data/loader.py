@@ -61,6 +61,21 @@ def leave_stop_signals_to_the_rank(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def _endless(stream: Any, workers: int, settings: StreamLoader | ElasticLoader) -> Iterator[Any]:
+    """An iterator over an endless stream through a DataLoader of ``workers`` processes, with
+    the prefetch and pinning ``settings`` (a loader) asks for."""
+    loader = DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=settings.prefetch_factor if workers else None,
+        pin_memory=settings.pin_memory,
+        persistent_workers=False,
+        worker_init_fn=leave_stop_signals_to_the_rank,
+    )
+    return iter(loader)
+
+
 class LoaderStateError(UserError):
     """A saved loader state that cannot be resumed exactly with this configuration."""
 
@@ -108,17 +123,7 @@ class StreamLoader:
     def __next__(self) -> Any:
         if self._iterator is None:
             self.stream.start_batch = self.batches
-            workers = self.stream.topology.num_workers
-            loader = DataLoader(
-                self.stream,
-                batch_size=None,
-                num_workers=workers,
-                prefetch_factor=self.prefetch_factor if workers else None,
-                pin_memory=self.pin_memory,
-                persistent_workers=False,
-                worker_init_fn=leave_stop_signals_to_the_rank,
-            )
-            self._iterator = iter(loader)
+            self._iterator = _endless(self.stream, self.stream.topology.num_workers, self)
             _RUNNING.add(self)
         batch, stats = next(self._iterator)
         self.batches += 1
@@ -296,17 +301,7 @@ class ElasticLoader:
 
     def _start(self) -> None:
         self.stream.start = self.progress.copy()
-        workers = self.stream.num_workers
-        loader = DataLoader(
-            self.stream,
-            batch_size=None,
-            num_workers=workers,
-            prefetch_factor=self.prefetch_factor if workers else None,
-            pin_memory=self.pin_memory,
-            persistent_workers=False,
-            worker_init_fn=leave_stop_signals_to_the_rank,
-        )
-        self._iterator = iter(loader)
+        self._iterator = _endless(self.stream, self.stream.num_workers, self)
         _RUNNING.add(self)
 
     def _next_step(self) -> None:
