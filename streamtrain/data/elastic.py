@@ -207,7 +207,7 @@ class _WorkerReader:
             with torch.random.fork_rng(devices=[]):
                 for index, samples in enumerate(taken):
                     for where in samples:
-                        if where.t % where.level_key[-1][1] % self.stream.readers == self.worker:
+                        if where.t % _lanes_per_rank(where) % self.stream.readers == self.worker:
                             slots.append((slot, self._sample(index, where, counts)))
                         slot += 1
             for index, cursor in enumerate(progress.cursors):
@@ -217,13 +217,13 @@ class _WorkerReader:
 
     def _sample(self, index: int, where: Taken, counts: Counter[str]) -> Any:
         source = self.layout.sources[index]
-        windows = self.layout.windows(index).of_epoch(where.epoch)
-        level = level_of(source.samples, where.level_key, windows)
-        q = level.shape.q
+        q = _lanes_per_rank(where)
         lane = self.stream.rank * q + where.t % q
         key = (index, where.epoch, where.level_index, lane)
         reader = self.lanes.get(key)
-        if reader is None:
+        if reader is None:  # a lane's level is worked out once, when the lane is first read
+            windows = self.layout.windows(index).of_epoch(where.epoch)
+            level = level_of(source.samples, where.level_key, windows)
             reader = self.lanes[key] = _Lane(self, index, windows, where.level_index, level, lane)
         raw, position = reader.get(where.t // q)
         seed = derive_seed("sample", self.stream.settings.seed, source.name, where.epoch, position)
@@ -250,6 +250,11 @@ class _WorkerReader:
             counts = [shard.samples for shard in source.shards]
             self.orders[key] = ShardOrder.draw(counts, self.stream.settings.seed, source.name, epoch)
         return self.orders[key]
+
+
+def _lanes_per_rank(where: Taken) -> int:
+    """``q`` of the level a sample sits in (the last entry of its level key is that level's shape)."""
+    return where.level_key[-1][1]
 
 
 class _Lane:
