@@ -92,6 +92,12 @@ class DataConfig:
     """Square size images are cropped to."""
     horizontal_flip: bool = True
     """Training only: random horizontal flips (turn off for text, digits and other chiral content)."""
+    decode_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where images are decoded and augmented. ``cpu``: in the loader workers. ``cuda``: the
+    workers only read bytes and draw each image's augmentation; the training process decodes each
+    batch of JPEGs on the GPU in one call (other formats, CMYK and progressive JPEGs are decoded
+    by the workers and joined in). ``auto``: ``cuda`` when training on a GPU and the images are
+    mostly JPEG, else ``cpu``."""
     text_dropout_prob: float = 0.0
     """Training only: probability that a caption is replaced by the empty string."""
     audio: AudioConfig | None = None

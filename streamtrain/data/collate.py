@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import default_collate
 
+from streamtrain.data.device_decode import EncodedImages
+
 IGNORE_INDEX = -100
 """Label of positions that carry no loss (question tokens and padding); torch's cross-entropy default."""
 
@@ -23,7 +25,9 @@ def collate_alignment(samples: list[dict], text_tokenizer=None, max_text_tokens:
     if not samples:
         raise ValueError("collate_alignment: empty batch")
     sample_ids = [sample["sample_id"] for sample in samples]
-    has_image = _present_in_all(samples, "image", sample_ids)
+    has_image = _present_in_all(samples, "image", sample_ids) or _present_in_all(
+        samples, "image_data", sample_ids
+    )
     has_mel = _present_in_all(samples, "mel", sample_ids)
     if not (has_image or has_mel):
         raise ValueError(
@@ -32,7 +36,7 @@ def collate_alignment(samples: list[dict], text_tokenizer=None, max_text_tokens:
 
     batch: dict = {"sample_ids": sample_ids}
     if has_image:
-        batch["image"] = _stack(samples, "image", sample_ids)
+        batch["image"] = _images(samples, sample_ids)
     if has_mel:
         if not _present_in_all(samples, "mel_mask", sample_ids):
             raise ValueError("collate_alignment: samples with 'mel' must also have 'mel_mask'")
@@ -84,7 +88,7 @@ def collate_vlm(samples: list[dict], pad_token_id: int) -> dict:
         labels[row, q_len:total] = answer
         question_lengths[row] = q_len
     return {
-        "image": _stack(samples, "image", sample_ids),
+        "image": _images(samples, sample_ids),
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "labels": labels,
@@ -104,6 +108,16 @@ def _present_in_all(samples: list[dict], key: str, sample_ids: list[str]) -> boo
             f"these do not: {missing[:5]}"
         )
     return not missing
+
+
+def _images(samples: list[dict], sample_ids: list[str]) -> torch.Tensor | EncodedImages:
+    """The batch's images: stacked, or still encoded when the training device decodes them
+    (the loader's ``finish_batch`` turns those into a tensor on the device)."""
+    if "image_data" not in samples[0]:
+        return _stack(samples, "image", sample_ids)
+    if not _present_in_all(samples, "image_data", sample_ids):
+        raise ValueError("collate: samples have no 'image_data'")
+    return EncodedImages([s["image_data"] for s in samples], _stack(samples, "image_params", sample_ids))
 
 
 def _stack(samples: list[dict], key: str, sample_ids: list[str]) -> torch.Tensor:

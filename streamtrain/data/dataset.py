@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -48,6 +49,8 @@ class Dataset:
     schema: str
     named: bool = False
     """Written as ``{path, weight, name}`` entries: a mixture (train) or named parts (eval)."""
+    media: Counter[str] = field(default_factory=Counter, compare=False, hash=False)
+    """Samples per media member extension, as the manifests record them (empty where they do not)."""
 
     @cached_property
     def shards(self) -> tuple[ShardInfo, ...]:

@@ -13,14 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shardify.format import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS
-from streamtrain.data.transforms import (
-    AudioConfig,
-    decode_image,
-    drop_text,
-    log_mel,
-    tokenize_qa,
-    vision_transform,
-)
+from streamtrain.data.images import ImageTransform, encode_for_device
+from streamtrain.data.transforms import AudioConfig, decode_image, drop_text, log_mel, tokenize_qa
 
 _IMAGE_EXTENSIONS = (*dict.fromkeys(IMAGE_EXTENSIONS.values()), "jpeg")
 _AUDIO_EXTENSIONS = tuple(dict.fromkeys(AUDIO_EXTENSIONS.values()))
@@ -35,6 +29,15 @@ def _first_member(raw: dict[str, Any], extensions: tuple[str, ...]) -> bytes | N
 
 def _metadata(raw: dict[str, Any]) -> dict[str, Any]:
     return json.loads(raw["json"]) if "json" in raw else {}
+
+
+def image_fields(data: bytes, transform: ImageTransform, on_device: bool) -> dict[str, Any]:
+    """A sample's image: ``image`` float [3, S, S] decoded and augmented here, or, when the
+    training device decodes (``on_device``), its ``image_data`` bytes and ``image_params``."""
+    if not on_device:
+        return {"image": transform(decode_image(data, transform.size))}
+    encoded = encode_for_device(data, transform)
+    return {"image_data": encoded.data, "image_params": encoded.params}
 
 
 def sample_id(raw: dict[str, Any], metadata: dict[str, Any]) -> str:
@@ -53,12 +56,12 @@ class CaptionDecoder:
     audio: AudioConfig | None = None
     """Decode audio members to log-mel when set; images are always decoded when present."""
     horizontal_flip: bool = True
-    _vision: Any = field(init=False, repr=False)
+    on_device: bool = False
+    """Leave images undecoded for the training device (device_decode.py)."""
+    _vision: ImageTransform = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._vision = vision_transform(
-            self.image_size, train=self.train, horizontal_flip=self.horizontal_flip
-        )
+        self._vision = ImageTransform(self.image_size, self.train, horizontal_flip=self.horizontal_flip)
 
     def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         metadata = _metadata(raw)
@@ -68,11 +71,11 @@ class CaptionDecoder:
         sample: dict[str, Any] = {"sample_id": sample_id(raw, metadata), "text": text}
         image = _first_member(raw, _IMAGE_EXTENSIONS)
         if image is not None:
-            sample["image"] = self._vision(decode_image(image, self.image_size))
+            sample.update(image_fields(image, self._vision, self.on_device))
         audio = _first_member(raw, _AUDIO_EXTENSIONS) if self.audio is not None else None
         if audio is not None:
             sample["mel"], sample["mel_mask"] = log_mel(audio, self.audio)
-        if "image" not in sample and "mel" not in sample:
+        if image is None and "mel" not in sample:
             raise ValueError(f"sample {raw['__key__']} has no image or audio member")
         return sample
 
@@ -90,12 +93,12 @@ class QADecoder:
     prompt_ids: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
     """Ids placed before and after the question (e.g. ``chat_prompt_ids(tokenizer)``); the
     question's ids in a sample include them, so its labels skip them too."""
-    _vision: Any = field(init=False, repr=False)
+    on_device: bool = False
+    """Leave images undecoded for the training device (device_decode.py)."""
+    _vision: ImageTransform = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._vision = vision_transform(
-            self.image_size, train=self.train, horizontal_flip=self.horizontal_flip
-        )
+        self._vision = ImageTransform(self.image_size, self.train, horizontal_flip=self.horizontal_flip)
 
     def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         metadata = _metadata(raw)
@@ -112,7 +115,7 @@ class QADecoder:
         before, after = self.prompt_ids
         return {
             "sample_id": sample_id(raw, metadata),
-            "image": self._vision(decode_image(image, self.image_size)),
+            **image_fields(image, self._vision, self.on_device),
             "question_ids": [*before, *question_ids, *after],
             "answer_ids": answer_ids,
         }

@@ -349,45 +349,62 @@ class _Lane:
 
 @dataclass
 class Packed:
-    """One worker's samples of a step, with each tensor field stacked into one tensor.
+    """One worker's samples of a step, with each tensor field gathered into one tensor.
 
     Handing a step's samples to the main process one tensor each costs a shared-memory segment
-    per tensor; stacked, it is one per field. The main process takes them apart as views.
+    per tensor; gathered, it is one per field: fields of one shape are stacked, 1-D fields of
+    differing lengths (undecoded image bytes) are laid end to end. The main process takes them
+    apart as views.
     """
 
     slots: list[int]
     stacked: dict[str, torch.Tensor]
     rest: list[Any]
     """Per slot: the sample's other fields (a dict), or the sample itself when not a dict."""
+    lengths: dict[str, list[int]] = field(default_factory=dict)
+    """Per field laid end to end: each sample's length."""
 
     @classmethod
     def of(cls, slots: list[tuple[int, Any]], in_worker: bool) -> Packed:
         kept = [(slot, sample) for slot, sample in slots if sample is not None]
         samples = [sample for _, sample in kept]
         stacked: dict[str, torch.Tensor] = {}
+        lengths: dict[str, list[int]] = {}
         if samples and all(isinstance(sample, dict) for sample in samples):
             for key, value in samples[0].items():
                 if not isinstance(value, torch.Tensor):
                     continue
                 values = [sample.get(key) for sample in samples]
-                if all(
-                    isinstance(v, torch.Tensor) and v.shape == value.shape and v.dtype == value.dtype
-                    for v in values
-                ):
-                    out = torch.empty((len(values), *value.shape), dtype=value.dtype)
-                    if in_worker:  # straight into shared memory, as default_collate does in a worker
-                        out.share_memory_()
-                    stacked[key] = torch.stack(values, out=out)
+                if not all(isinstance(v, torch.Tensor) and v.dtype == value.dtype for v in values):
+                    continue
+                if all(v.shape == value.shape for v in values):
+                    stacked[key] = _gathered(values, (len(values), *value.shape), torch.stack, in_worker)
+                elif all(v.dim() == 1 for v in values):
+                    total = (sum(len(v) for v in values),)
+                    stacked[key] = _gathered(values, total, torch.cat, in_worker)
+                    lengths[key] = [len(v) for v in values]
             rest = [{k: v for k, v in sample.items() if k not in stacked} for sample in samples]
         else:
             rest = samples
-        return cls([slot for slot, _ in kept], stacked, rest)
+        return cls([slot for slot, _ in kept], stacked, rest, lengths)
 
     def items(self) -> list[tuple[int, Any]]:
-        """``(slot, sample)`` pairs again; stacked fields come back as views of one tensor."""
+        """``(slot, sample)`` pairs again; gathered fields come back as views of one tensor."""
         if not self.stacked:
             return list(zip(self.slots, self.rest, strict=True))
+        fields: dict[str, Sequence[torch.Tensor]] = {}
+        for key, tensor in self.stacked.items():
+            fields[key] = tensor.split(self.lengths[key]) if key in self.lengths else tensor.unbind()
         return [
-            (slot, {**rest, **{key: tensor[row] for key, tensor in self.stacked.items()}})
+            (slot, {**rest, **{key: parts[row] for key, parts in fields.items()}})
             for row, (slot, rest) in enumerate(zip(self.slots, self.rest, strict=True))
         ]
+
+
+def _gathered(
+    values: list[torch.Tensor], shape: tuple[int, ...], gather: Any, in_worker: bool
+) -> torch.Tensor:
+    out = torch.empty(shape, dtype=values[0].dtype)
+    if in_worker:  # straight into shared memory, as default_collate does in a worker
+        out.share_memory_()
+    return gather(values, out=out)

@@ -10,9 +10,11 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 
 from streamtrain.data.counts import Collate
+from streamtrain.data.device_decode import finish_batch
 from streamtrain.data.elastic import ElasticStream, Layout, Packed, Progress
 from streamtrain.data.lanes import Cursor
 from streamtrain.data.mixture import decode_carries, encode_carries
@@ -99,10 +101,13 @@ class StreamLoader:
         pin_memory: bool = False,
         sample_log: SampleLog | None = None,
         batches_per_step: int = 1,
+        decode_device: torch.device | None = None,
     ) -> None:
         """``sample_log`` gets one line per ``batches_per_step`` batches (an optimizer step with
-        gradient accumulation), listing the batches' ``"sample_ids"``."""
+        gradient accumulation), listing the batches' ``"sample_ids"``. Images left undecoded by
+        the workers are decoded on ``decode_device`` (default: the CPU) before a batch is out."""
         self.stream = stream
+        self.decode_device = decode_device
         self.prefetch_factor = prefetch_factor
         self.pin_memory = pin_memory
         self.sample_log = sample_log
@@ -128,6 +133,10 @@ class StreamLoader:
         batch, stats = next(self._iterator)
         self.batches += 1
         self.read_stats.update(stats)
+        if batch is not None:
+            batch = _finished(batch, self.decode_device, self.read_stats)
+            if batch is None:  # none of its images decoded on the device
+                self.read_stats["empty_batches"] += 1
         if self.sample_log is not None:
             self._log_samples(batch)
         return batch
@@ -230,8 +239,11 @@ class ElasticLoader:
         pin_memory: bool = False,
         sample_log: SampleLog | None = None,
         legacy: Callable[[], StreamLoader] | None = None,
+        decode_device: torch.device | None = None,
     ) -> None:
         self.stream = stream
+        self.decode_device = decode_device
+        """Where images the workers left undecoded are decoded (default: the CPU)."""
         self.collate = collate
         self.batch_size = batch_size
         self.batches_per_step = batches_per_step
@@ -329,13 +341,13 @@ class ElasticLoader:
         for micro in range(self.batches_per_step):
             chunk = [slots[k] for k in order[micro * self.batch_size : (micro + 1) * self.batch_size]]
             samples = [sample for sample in chunk if sample is not None]
+            batch = None
             if samples:
-                batch = self.collate(samples)
-                if self.sample_log is not None:
-                    self._step_ids.extend(_sample_ids(batch))
-            else:
+                batch = _finished(self.collate(samples), self.decode_device, self._read_stats)
+            if batch is None:
                 self._read_stats["empty_batches"] += 1
-                batch = None
+            elif self.sample_log is not None:
+                self._step_ids.extend(_sample_ids(batch))
             self._pending.append(batch)
         self._next_progress = progress
 
@@ -419,6 +431,14 @@ class ElasticLoader:
         if self.sample_log is not None:
             # Lines the interrupted run wrote after this state was saved are not history.
             self.sample_log.rewind(progress.step, self.layout.world_size)
+
+
+def _finished(batch: Any, device: torch.device | None, read_stats: Counter[str]) -> Any:
+    """``batch`` with its undecoded images decoded on ``device``; what no decoder read is left
+    out and counted (a batch left with nothing is None)."""
+    finished, counts = finish_batch(batch, device or torch.device("cpu"))
+    read_stats.update(counts)
+    return finished
 
 
 def _sample_ids(batch: Any) -> list[str]:

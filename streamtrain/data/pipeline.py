@@ -10,9 +10,13 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import torch
+
 from shardify.bytestream import RetryPolicy
+from shardify.format import IMAGE_EXTENSIONS
 from streamtrain.config import DataConfig, EvalConfig, SourceSpec, source_name
 from streamtrain.data.dataset import Dataset, Source
+from streamtrain.data.device_decode import finish_batch
 from streamtrain.data.elastic import ElasticStream, Layout
 from streamtrain.data.eval import EvalStream, eval_batches
 from streamtrain.data.loader import ElasticLoader, StreamLoader
@@ -21,6 +25,9 @@ from streamtrain.data.plan import Topology
 from streamtrain.data.sample_log import SampleLog
 from streamtrain.data.shards import DataSourceError, resolve
 from streamtrain.data.stream import Collate, Decode, ShardStream, StreamConfig
+from streamtrain.errors import UserError
+
+IMAGE_MEMBERS = {*IMAGE_EXTENSIONS.values(), "jpeg"}
 
 
 def resolve_sources(sources: str | list[str | SourceSpec], key: str = "data.train") -> Dataset:
@@ -42,14 +49,15 @@ def resolve_sources(sources: str | list[str | SourceSpec], key: str = "data.trai
         except DataSourceError as exc:
             raise DataSourceError(f"{key}[{i}].path: {exc}") from None
         weight = schedule(spec.weight) if key == "data.train" else None
-        found.append((Source(source_name(spec), part.shards, weight), part.schema))
-    listed = Counter(shard.url for source, _ in found for shard in source.shards)
+        found.append((Source(source_name(spec), part.shards, weight), part.schema, part.media))
+    listed = Counter(shard.url for source, _, _ in found for shard in source.shards)
     duplicated = sorted(url for url, n in listed.items() if n > 1)
     if duplicated:
         raise DataSourceError(f"{key}: shards listed in more than one source: {', '.join(duplicated[:5])}")
-    schemas = {schema for _, schema in found}
+    schemas = {schema for _, schema, _ in found}
     schema = schemas.pop() if len(schemas) == 1 else "mixed"
-    return Dataset(tuple(source for source, _ in found), schema, named=True)
+    media = sum((part for _, _, part in found), Counter())
+    return Dataset(tuple(source for source, _, _ in found), schema, named=True, media=media)
 
 
 def train_loader(
@@ -64,6 +72,7 @@ def train_loader(
     collate: Collate,
     batches_per_step: int = 1,
     pin_memory: bool = False,
+    decode_device: torch.device | None = None,
 ) -> ElasticLoader:
     """This rank's endless batches of ``dataset``, resumable on any topology (PlanError when
     the data cannot give every rank a step)."""
@@ -87,6 +96,7 @@ def train_loader(
             pin_memory=pin_memory,
             sample_log=sample_log,
             batches_per_step=batches_per_step,
+            decode_device=decode_device,
         )
 
     return ElasticLoader(
@@ -98,6 +108,7 @@ def train_loader(
         pin_memory=pin_memory,
         sample_log=sample_log,
         legacy=fixed_topology_loader,
+        decode_device=decode_device,
     )
 
 
@@ -110,8 +121,10 @@ def held_out_batches(
     world_size: int,
     decode: Decode,
     collate: Collate,
+    decode_device: torch.device | None = None,
 ) -> Iterator[tuple[Any, dict[str, int]]]:
-    """One pass over this rank's share of ``dataset`` as ``(batch or None, read counts)`` pairs."""
+    """One pass over this rank's share of ``dataset`` as ``(batch or None, read counts)`` pairs;
+    images the decoder left undecoded are decoded on ``decode_device`` (default: the CPU)."""
     stream = EvalStream(
         dataset,
         rank,
@@ -123,7 +136,30 @@ def held_out_batches(
         retry=retry_policy(data),
         max_member_bytes=_member_bytes(data),
     )
-    return eval_batches(stream, data.num_workers)
+    for batch, counts in eval_batches(stream, data.num_workers):
+        if batch is not None:
+            batch, more = finish_batch(batch, decode_device or torch.device("cpu"))
+            counts = dict(Counter(counts) + Counter(more)) if more else counts
+        yield batch, counts
+
+
+def decode_device(data: DataConfig, device: torch.device, dataset: Dataset) -> torch.device | None:
+    """Where training decodes images: None for the loader workers' CPUs, else the device that
+    decodes whole batches in the main process (``data.decode_device``; ``auto``: the training
+    device when it is a GPU and most images of ``dataset`` are JPEG, or its manifests do not say)."""
+    if data.decode_device == "cpu":
+        return None
+    if data.decode_device == "cuda":
+        if device.type != "cuda":
+            raise UserError(
+                f"data.decode_device is cuda, but training runs on {device.type}: "
+                "use data.decode_device=auto (or cpu)"
+            )
+        return device
+    images = {ext: n for ext, n in dataset.media.items() if ext in IMAGE_MEMBERS}
+    jpeg = images.get("jpg", 0) + images.get("jpeg", 0)
+    mostly_jpeg = not images or jpeg * 2 >= sum(images.values())
+    return device if device.type == "cuda" and mostly_jpeg else None
 
 
 def retry_policy(data: DataConfig) -> RetryPolicy:

@@ -44,10 +44,12 @@ def _parent(url: str) -> str:
     return url.rsplit("/", 1)[0] if "/" in url else "."
 
 
-def _resolve_one(source: str) -> tuple[list[ShardInfo], str]:
+def _resolve_one(source: str) -> tuple[list[ShardInfo], str, Counter[str]]:
+    """The shards of one entry, their schema, and their samples per media extension."""
     if source.endswith(MANIFEST_NAME):
         base, manifest = _parent(source), _read_manifest(source)
-        return [ShardInfo(join(base, e.name), e.samples) for e in manifest.shards], manifest.schema
+        shards = [ShardInfo(join(base, e.name), e.samples) for e in manifest.shards]
+        return shards, manifest.schema, Counter(manifest.media)
     if source.endswith(".tar") or "{" in source:
         names = list(braceexpand.braceexpand(source))
         manifests: dict[str, Manifest] = {}
@@ -62,7 +64,8 @@ def _resolve_one(source: str) -> tuple[list[ShardInfo], str]:
                 raise DataSourceError(f"{url} is not listed in {join(base, MANIFEST_NAME)}")
             shards.append(ShardInfo(url, counts[name]))
         schemas = {m.schema for m in manifests.values()}
-        return shards, schemas.pop() if len(schemas) == 1 else "mixed"
+        media = sum((Counter(m.media) for m in manifests.values()), Counter())
+        return shards, schemas.pop() if len(schemas) == 1 else "mixed", media
     with as_user_error(DataSourceError, source):
         fs, path = filesystem(source)
         found = fs.exists(join(path, MANIFEST_NAME))
@@ -84,10 +87,12 @@ def resolve(sources: str | list[str]) -> Dataset:
         raise DataSourceError("no data sources given")
     found: list[tuple[str, list[ShardInfo]]] = []
     schemas = set()
+    media: Counter[str] = Counter()
     for item in items:
-        shards, schema = _resolve_one(item)
+        shards, schema, counts = _resolve_one(item)
         found.append((item, shards))
         schemas.add(schema)
+        media.update(counts)
     listed = Counter(shard.url for _, shards in found for shard in shards)
     duplicated = sorted(url for url, n in listed.items() if n > 1)
     if duplicated:
@@ -95,6 +100,7 @@ def resolve(sources: str | list[str]) -> Dataset:
     dataset = Dataset(
         tuple(Source(name, tuple(s for s in shards if s.samples > 0)) for name, shards in found),
         schemas.pop() if len(schemas) == 1 else "mixed",
+        media=media,
     )
     if not dataset.shards:
         empty = sum(len(shards) for _, shards in found)

@@ -33,7 +33,7 @@ def train_resize(size: int) -> int:
 
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
 # Pillow raised these from malformed EXIF in past releases; a bad tag must not cost the sample.
-_EXIF_ERRORS = (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, struct.error)
+EXIF_ERRORS = (OSError, SyntaxError, ValueError, TypeError, KeyError, IndexError, struct.error)
 
 
 def decode_image(data: bytes, target_size: int | None = None) -> Image.Image:
@@ -58,7 +58,7 @@ def decode_image(data: bytes, target_size: int | None = None) -> Image.Image:
         # Requesting (need, need) picks the largest scale keeping min(w, h) / scale >= need.
         image.draft("RGB", (need, need))
     image.load()  # pixel errors propagate; only the EXIF below is optional
-    with contextlib.suppress(*_EXIF_ERRORS):
+    with contextlib.suppress(*EXIF_ERRORS):
         ImageOps.exif_transpose(image, in_place=True)
     return _to_rgb(image)
 

@@ -114,7 +114,7 @@ class AlignmentTask(Task):
             projector_hidden_dim=model_config.projector_hidden_dim,
         )
 
-    def decoder(self, train: bool) -> CaptionDecoder:
+    def decoder(self, train: bool, on_device: bool = False) -> CaptionDecoder:
         data = self.config.data
         return CaptionDecoder(
             image_size=data.image_size,
@@ -122,6 +122,7 @@ class AlignmentTask(Task):
             text_dropout_prob=data.text_dropout_prob,
             horizontal_flip=data.horizontal_flip,
             audio=data.audio if self.model_config.audio is not None else None,
+            on_device=on_device,
         )
 
     def collate(self, samples: list[Any]) -> dict[str, Any]:

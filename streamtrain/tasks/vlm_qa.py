@@ -234,7 +234,7 @@ class VLMTask(Task):
         model.place(device)
         return True
 
-    def decoder(self, train: bool) -> QADecoder:
+    def decoder(self, train: bool, on_device: bool = False) -> QADecoder:
         data = self.config.data
         return QADecoder(
             self.tokenizer,
@@ -244,6 +244,7 @@ class VLMTask(Task):
             max_answer_tokens=data.max_answer_tokens,
             horizontal_flip=data.horizontal_flip,
             prompt_ids=self.prompt_ids,
+            on_device=on_device,
         )
 
     def collate(self, samples: list[Any]) -> dict[str, Any]:

@@ -39,8 +39,10 @@ class Task:
         """The model, on CPU, with frozen parts already frozen."""
         raise NotImplementedError
 
-    def decoder(self, train: bool) -> Decode:
-        """Per-sample decoder for training (augmenting) or evaluation (deterministic)."""
+    def decoder(self, train: bool, on_device: bool = False) -> Decode:
+        """Per-sample decoder for training (augmenting) or evaluation (deterministic); with
+        ``on_device``, images are left as bytes and parameters for the training device to decode
+        (``streamtrain.data.decoders.image_fields``)."""
         raise NotImplementedError
 
     def collate(self, samples: list[Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from streamtrain import console
 from streamtrain.config import RunConfig
 from streamtrain.data.dataset import Dataset
 from streamtrain.data.loader import ElasticLoader
-from streamtrain.data.pipeline import held_out_batches, resolve_sources, train_loader
+from streamtrain.data.pipeline import decode_device, held_out_batches, resolve_sources, train_loader
 from streamtrain.distributed import all_reduce_sum
 from streamtrain.errors import TrainingError, UserError
 from streamtrain.train import stopping
@@ -81,6 +81,8 @@ class Trainer:
         # Data sources first: a typo in a path should fail in a second, not after model loading.
         self.train_data = resolve_sources(config.data.train, "data.train")
         self.eval_data = resolve_sources(config.data.eval, "data.eval") if config.data.eval else None
+        self.decode_on = decode_device(config.data, backend.device, self.train_data)
+        """Where images are decoded: None in the loader workers, else this device, batch by batch."""
         # Before anything in output_dir is touched (stale folders removed, logs rewound).
         self.claim = claim_output(self.output_dir, config.train.claim_lease_s)
         resume_from = self.checkpoints.find_resume(config.train.resume)
@@ -113,10 +115,11 @@ class Trainer:
             world_size=acc.num_processes,
             batch_size=config.train.batch_size,
             seed=config.train.seed,
-            decode=self.task.decoder(train=True),
+            decode=self.task.decoder(train=True, on_device=self.decode_on is not None),
             collate=self.task.collate,
             batches_per_step=config.train.grad_accum_steps,
             pin_memory=self.backend.device.type == "cuda",
+            decode_device=self.decode_on,
         )
 
     # -- the loop ------------------------------------------------------------------------------
@@ -291,8 +294,9 @@ class Trainer:
             dataset,
             rank=acc.process_index,
             world_size=acc.num_processes,
-            decode=self.task.decoder(train=False),
+            decode=self.task.decoder(train=False, on_device=self.decode_on is not None),
             collate=self.task.collate,
+            decode_device=self.decode_on,
         )
 
         def batches() -> Iterator[dict[str, Any]]:
