@@ -44,6 +44,7 @@ from streamtrain.config import DataConfig, SourceSpec  # noqa: E402
 from streamtrain.data.collate import collate_alignment  # noqa: E402
 from streamtrain.data.dataset import ShardInfo, Source  # noqa: E402
 from streamtrain.data.decoders import CaptionDecoder  # noqa: E402
+from streamtrain.data.device_decode import finish_batch  # noqa: E402
 from streamtrain.data.elastic import Layout, Progress  # noqa: E402
 from streamtrain.data.lanes import Windows, position_of  # noqa: E402
 from streamtrain.data.loader import ElasticLoader, StreamLoader  # noqa: E402
@@ -160,7 +161,9 @@ def fixed_loader(shards: str, workers: int, batch: int, decoder: CaptionDecoder)
     return StreamLoader(ShardStream(resolve(shards), topology, decoder, collate_alignment, config))
 
 
-def stream_loader(train: Any, workers: int, batch: int, decoder: CaptionDecoder) -> ElasticLoader:
+def stream_loader(
+    train: Any, workers: int, batch: int, decoder: CaptionDecoder, decode_device: torch.device | None = None
+) -> ElasticLoader:
     """The loader training uses: elastic lanes, a mixture when ``train`` lists weighted sources."""
     data = DataConfig(train=train, num_workers=workers, shuffle_buffer=256)
     return train_loader(
@@ -172,6 +175,7 @@ def stream_loader(train: Any, workers: int, batch: int, decoder: CaptionDecoder)
         seed=0,
         decode=decoder,
         collate=collate_alignment,
+        decode_device=decode_device,
     )
 
 
@@ -190,16 +194,33 @@ def time_batches(batches: Iterator[Any], workers: int, samples: int, size: Any) 
     count = max(1, samples // BATCH)
     for _ in range(max(workers, math.ceil(0.05 * count))):
         next(batches)
-    started, cpu, timed = time.perf_counter(), tree_cpu_s(), 0
+    started, cpu, main_cpu, timed = time.perf_counter(), tree_cpu_s(), time.process_time(), 0
     for _ in range(count):
         timed += size(next(batches))
     seconds, cpu = time.perf_counter() - started, tree_cpu_s() - cpu
-    return {"samples": timed, "seconds": seconds, "cpu_seconds": cpu, "tree_peak_mb": tree_mb("VmHWM")}
+    main_cpu = time.process_time() - main_cpu
+    return {
+        "samples": timed,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "worker_cpu_seconds": cpu - main_cpu,
+        "tree_peak_mb": tree_mb("VmHWM"),
+    }
 
 
 def child_streamtrain(shards: str, workers: int, samples: int) -> dict:
     loader = stream_loader(shards, workers, BATCH, CaptionDecoder(image_size=224, train=True))
     return time_batches(loader, workers, samples, lambda b: len(b["sample_ids"]))
+
+
+def child_bytes(shards: str, workers: int, samples: int) -> dict:
+    """The loader in bytes-only mode (data.decode_device: cuda): workers read and draw, the main
+    process decodes each batch on the GPU, or on its CPU (the same code) where there is none."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    decoder = CaptionDecoder(image_size=224, train=True, on_device=True)
+    loader = stream_loader(shards, workers, BATCH, decoder, decode_device=device)
+    result = time_batches(loader, workers, samples, lambda b: len(b["sample_ids"]))
+    return {**result, "device": device.type}
 
 
 def child_fixed(shards: str, workers: int, samples: int) -> dict:
@@ -284,6 +305,38 @@ def child_limit(shards: str, samples: int) -> dict:
         **timings,
         "mean_jpeg_kb": mean_kb,
         "reduced_decode": reduced_decode(raw[:100]),
+        "bytes_only": bytes_only(raw),
+    }
+
+
+def bytes_only(raw: list[dict]) -> dict:
+    """Per-sample worker CPU of bytes-only mode (header, parameters, bytes handed over) against the
+    full CPU decode, one core; and the main process's batched decode on the device (or CPU)."""
+    cpu_decoder = CaptionDecoder(image_size=224, train=True)
+    bytes_decoder = CaptionDecoder(image_size=224, train=True, on_device=True)
+    rng = random.Random(0)
+    spent = {}
+    for name, decoder in (("decode", cpu_decoder), ("bytes", bytes_decoder)):
+        began = time.process_time()
+        decoded = [decoder(sample, rng) for sample in raw]
+        spent[name] = (time.process_time() - began) / len(raw)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_num_threads(1)
+    batches = [collate_alignment(decoded[i : i + BATCH]) for i in range(0, len(decoded) - BATCH + 1, BATCH)]
+    finish_batch(batches[0], device)  # warm-up (CUDA context, nvJPEG handles)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    began = time.perf_counter()
+    for batch in batches:
+        finish_batch(batch, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    per_image = (time.perf_counter() - began) / (len(batches) * BATCH)
+    return {
+        "decode_cpu_ms": 1000 * spent["decode"],
+        "bytes_cpu_ms": 1000 * spent["bytes"],
+        "device": device.type,
+        "device_images_per_s": 1 / per_image,
     }
 
 
@@ -339,6 +392,7 @@ def child_main(argv: list[str]) -> None:
     mode, shards, *numbers = argv
     measure = {"streamtrain": child_streamtrain, "webdataset": child_webdataset, "limit": child_limit}
     measure |= {"resume": child_resume, "rss": child_rss, "fixed": child_fixed, "mixture": child_mixture}
+    measure |= {"bytes": child_bytes}
     if mode == "replan":
         result = child_replan(int(shards), *map(int, numbers))
     else:
@@ -394,6 +448,7 @@ def main() -> None:
         results["fixed"] = best_of(args.repeats, "fixed", photos, str(k), str(n))
         results["webdataset"] = best_of(args.repeats, "webdataset", photos, str(k), str(n))
         results["limit"] = best_of(args.repeats, "limit", photos, str(n))
+        results["bytes"] = best_of(args.repeats, "bytes", photos, str(k), str(n))
         if args.mixtures:
             print("measuring mixtures ...", file=sys.stderr)
             results["mixture"] = {
@@ -472,6 +527,8 @@ def report(r: dict) -> None:
         f"({reduced['reduced_per_s'] / reduced['full_per_s']:.2f}x); largest per-image mean |difference| of "
         f"the normalised tensors: {reduced['max_mean_abs_diff']:.4f}"
     )
+    if "bytes" in r:
+        report_bytes(r)
     if "mixture" in r:
         mix = r["mixture"]
         single = rate(mix["1"] if "1" in mix else mix[1])
@@ -512,6 +569,31 @@ def report(r: dict) -> None:
         verdict = "flat" if growth < 0.10 else "NOT flat"
         print(f"\nRSS growth epoch 1 -> {len(series)}: {100 * growth:+.1f}% ({verdict}; goal < 10%)")
     print(f"\nbenchmark wall time: {r['wall_seconds']:.0f} s")
+
+
+def report_bytes(r: dict) -> None:
+    """Bytes-only workers (data.decode_device: cuda) beside today's decode path."""
+    only, m, today = r["limit"]["bytes_only"], r["bytes"], r["streamtrain"]
+
+    def worker_ms(run: dict) -> float:
+        return 1000 * run["worker_cpu_seconds"] / run["samples"]
+
+    in_workers = worker_ms(today) / max(worker_ms(m), 1e-9)
+    device = m["device"]
+    print(
+        f"\nbytes-only workers (data.decode_device: cuda; decoded here on: {device}):\n\n"
+        "| measure | today's decode path | bytes-only | ratio |\n|---|---:|---:|---|\n"
+        f"| decoder CPU ms/sample, one core, in memory | {only['decode_cpu_ms']:.2f} | "
+        f"{only['bytes_cpu_ms']:.3f} | {only['decode_cpu_ms'] / only['bytes_cpu_ms']:.1f}x fewer "
+        "(goal >= 10) |\n"
+        f"| loader: worker CPU ms/sample | {worker_ms(today):.2f} | {worker_ms(m):.3f} | "
+        f"{in_workers:.1f}x fewer (goal >= 10) |\n"
+        f"| loader: samples/s ({device} decodes in the main process) | "
+        f"{today['samples'] / today['seconds']:,.0f} | {m['samples'] / m['seconds']:,.0f} | "
+        f"{(m['samples'] / m['seconds']) / (today['samples'] / today['seconds']):.2f}x |\n"
+        f"\nbatched decode + augment in the main process on {only['device']}: "
+        f"{only['device_images_per_s']:,.0f} images/s (1024x768 -> 224 px; goal on an H100/H200: >= 8,000)"
+    )
 
 
 if __name__ == "__main__":

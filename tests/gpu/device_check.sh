@@ -16,4 +16,8 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TORCH_EXTENSIONS_DIR=/tmp/torch_exten
 nvidia-smi -L | tee "$OUT/device.txt"
 python3 -c "import torch, transformers, accelerate, deepspeed; print(torch.__version__, transformers.__version__, accelerate.__version__, deepspeed.__version__)" | tee -a "$OUT/device.txt"
 python3 -m pytest -m gpu tests/gpu -v -s -p no:cacheprovider --timeout 500 "$@" 2>&1 | tee "$OUT/gpu_tests.log"
-exit "${PIPESTATUS[0]}"
+status=${PIPESTATUS[0]}
+# Both decode paths side by side (bytes-only workers decode on this GPU); short, after the tests.
+timeout 240 python3 benchmarks/bench_loader.py --workers 8 --samples 3000 --resume-samples 0 --epochs 0 \
+  --mixtures 0 --replan-shards 0 --json "$OUT/bench_loader.json" 2>&1 | tee "$OUT/bench_loader.log"
+exit "$status"
