@@ -48,7 +48,9 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for i in range(512)
     ]
     factories.write_parquet(folder / "photos.parquet", rows)
-    convert([str(folder / "photos.parquet")], ConvertOptions(output=str(folder / "out"), max_samples_per_shard=64))
+    convert(
+        [str(folder / "photos.parquet")], ConvertOptions(output=str(folder / "out"), max_samples_per_shard=64)
+    )
     return folder / "out"
 
 
