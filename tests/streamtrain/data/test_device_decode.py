@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 
 from shardify.convert import ConvertOptions, convert
-from streamtrain.config import DataConfig
+from streamtrain.config import DataConfig, EvalConfig
 from streamtrain.data.collate import collate_alignment, collate_vlm
 from streamtrain.data.dataset import Dataset
 from streamtrain.data.decoders import CaptionDecoder, QADecoder
 from streamtrain.data.device_decode import EncodedImages, finish_batch
 from streamtrain.data.elastic import Packed
 from streamtrain.data.images import KIND_JPEG, KIND_PIXELS, Encoded, ImageTransform, encode_for_device
-from streamtrain.data.pipeline import decode_device, resolve_sources, train_loader
+from streamtrain.data.pipeline import decode_device, held_out_batches, resolve_sources, train_loader
 from streamtrain.data.transforms import CLIP_STD, decode_image, vision_transform
 from streamtrain.errors import UserError
 from tests import factories
@@ -252,3 +252,26 @@ def test_the_worker_hands_over_bytes_not_pixels(photo_jpeg: bytes) -> None:
     assert bytes(sample["image_data"].numpy()) == photo_jpeg
     header = Image.open(io.BytesIO(photo_jpeg))
     assert header.size == (1024, 768) and np.isfinite(sample["image_params"].numpy()).all()
+
+
+def test_held_out_batches_decode_on_the_device_with_the_eval_transform(jpeg_shards: Path) -> None:
+    data = DataConfig(train=str(jpeg_shards), num_workers=1)
+    dataset = resolve_sources(str(jpeg_shards))
+    passes = {}
+    for on_device in (False, True):
+        passes[on_device] = list(
+            held_out_batches(
+                data,
+                EvalConfig(batch_size=8),
+                dataset,
+                rank=0,
+                world_size=1,
+                decode=CaptionDecoder(image_size=32, train=False, on_device=on_device),
+                collate=collate_alignment,
+                decode_device=torch.device("cpu") if on_device else None,
+            )
+        )
+    assert len(passes[True]) == len(passes[False]) == 5
+    for (expected, _), (got, counts) in zip(passes[False], passes[True], strict=True):
+        assert got["sample_ids"] == expected["sample_ids"] and counts["samples"] == 8
+        assert pixel_gap(got["image"], expected["image"]) < 0.01
