@@ -11,6 +11,8 @@ as ``data/<key>`` (``eval/data/<key>`` for a held-out pass):
 - ``empty_batches``: training batches with nothing decoded, delivered as None in their place.
 - ``read_retries``: failed storage reads that were tried again (``data.retries`` bounds them).
 - ``read_reopens``: objects reopened at the byte where a failed read stopped.
+- ``device_decode_fallbacks``: JPEGs the training device's decoder refused, decoded by Pillow in
+  the training process instead (device_decode.py).
 """
 
 from __future__ import annotations
