@@ -17,6 +17,9 @@ def collate_alignment(samples: list[dict], text_tokenizer=None, max_text_tokens:
     Each sample has ``sample_id``, ``text`` and an ``image`` [3, H, W] and/or a ``mel``
     [n_mels, frames] with its ``mel_mask`` [frames]. Every sample must carry the same media.
 
+    Samples decoded for the training device carry ``image_data`` and ``image_params`` instead of
+    ``image``; the batch's ``image`` is then ``EncodedImages``, decoded by the loader.
+
     The batch has ``sample_ids``, ``image`` [B, 3, H, W] and/or ``mel`` [B, n_mels, frames] and
     ``mel_mask`` [B, frames], and the captions: ``texts`` (list of str, for a SentenceTransformer)
     when ``text_tokenizer`` is None, else ``text_input_ids`` and ``text_attention_mask`` [B, T]
