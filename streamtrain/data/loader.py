@@ -8,11 +8,13 @@ import signal
 import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from streamtrain.data.ahead import Ahead
 from streamtrain.data.counts import Collate
 from streamtrain.data.device_decode import finish_batch
 from streamtrain.data.elastic import ElasticStream, Layout, Packed, Progress
@@ -259,6 +261,7 @@ class ElasticLoader:
         self._step_ids: list[str] = []
         self._next_progress: Progress | None = None
         self._iterator: Iterator[tuple[int, Packed, dict[str, int]]] | None = None
+        self._ahead: Ahead[_Step] | None = None
 
     @property
     def read_stats(self) -> Counter[str]:
@@ -315,46 +318,68 @@ class ElasticLoader:
         self.stream.start = self.progress.copy()
         self._iterator = _endless(self.stream, self.stream.num_workers, self)
         _RUNNING.add(self)
+        if self.decode_device is not None:  # decoding in this process: one step ahead, in a thread
+            planned = [self.progress]
+
+            def produce() -> _Step:
+                made = self._read_step(planned[0])
+                planned[0] = made.progress
+                return made
+
+            self._ahead = Ahead(produce, self.decode_device)
 
     def _next_step(self) -> None:
         if self._iterator is None:
             self._start()
+        step = self._ahead.take() if self._ahead is not None else self._read_step(self.progress)
+        self._read_stats.update(step.counts)
+        self._pending.extend(step.batches)
+        self._step_ids = step.sample_ids
+        self._next_progress = step.progress
+
+    def _read_step(self, after: Progress) -> _Step:
+        """The step after ``after``: its micro-batches, read from the workers and collated (and
+        their images decoded on the device, if the workers left them undecoded)."""
         assert self._iterator is not None
-        progress = self.progress.copy()
+        progress = after.copy()
         progress.advance(self.layout, self.stream.shapes)
+        counts: Counter[str] = Counter()
         slots: list[Any] = [None] * self.layout.per_rank
         for _ in range(self.stream.readers):
-            step, items, counts = next(self._iterator)
+            step, items, read = next(self._iterator)
             if step != progress.step:
                 raise RuntimeError(f"data worker sent step {step} where step {progress.step} was due")
             for slot, sample in items.items():
                 slots[slot] = sample
-            self._read_stats.update(counts)
-        dropped = sum(c.dropped for c in progress.cursors) - sum(c.dropped for c in self.progress.cursors)
+            counts.update(read)
+        dropped = sum(c.dropped for c in progress.cursors) - sum(c.dropped for c in after.cursors)
         if dropped and self.stream.rank == 0:  # the same on every rank: counted once
-            self._read_stats["dropped_samples"] += dropped
+            counts["dropped_samples"] += dropped
         order = list(range(len(slots)))
         random.Random(
             derive_seed("step-order", self.stream.settings.seed, progress.step, self.stream.rank)
         ).shuffle(order)
-        self._step_ids = []
+        made = _Step(progress, counts)
         for micro in range(self.batches_per_step):
             chunk = [slots[k] for k in order[micro * self.batch_size : (micro + 1) * self.batch_size]]
             samples = [sample for sample in chunk if sample is not None]
             batch = None
             if samples:
-                batch = _finished(self.collate(samples), self.decode_device, self._read_stats)
+                batch = _finished(self.collate(samples), self.decode_device, counts)
             if batch is None:
-                self._read_stats["empty_batches"] += 1
+                counts["empty_batches"] += 1
             elif self.sample_log is not None:
-                self._step_ids.extend(_sample_ids(batch))
-            self._pending.append(batch)
-        self._next_progress = progress
+                made.sample_ids.extend(_sample_ids(batch))
+            made.batches.append(batch)
+        return made
 
     def close(self) -> None:
         """Stop the workers now (a later ``next()`` starts them again at the current position)."""
         if self.legacy is not None:
             self.legacy.close()
+        if self._ahead is not None:
+            self._ahead.close()
+            self._ahead = None
         stop_workers(self._iterator)
         self._iterator = None
         self._pending.clear()
@@ -431,6 +456,16 @@ class ElasticLoader:
         if self.sample_log is not None:
             # Lines the interrupted run wrote after this state was saved are not history.
             self.sample_log.rewind(progress.step, self.layout.world_size)
+
+
+@dataclass
+class _Step:
+    """One step as read: where the data stands after it, and its micro-batches."""
+
+    progress: Progress
+    counts: Counter[str]
+    batches: list[Any] = field(default_factory=list)
+    sample_ids: list[str] = field(default_factory=list)
 
 
 def _finished(batch: Any, device: torch.device | None, read_stats: Counter[str]) -> Any:

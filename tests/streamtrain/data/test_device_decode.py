@@ -231,6 +231,8 @@ def test_bytes_only_loader_gives_the_cpu_paths_batches_and_resumes_exactly(jpeg_
     device_loader = _loader(jpeg_shards, on_device=True, workers=2)
     first = _take(device_loader, 6)
     state = device_loader.state_dict()
+    # Steps prepared ahead (in the decode thread) are neither in the position nor in the counts.
+    assert state["step"] == 6 and state["read_stats"]["samples"] == 6 * 4
     device_loader.shutdown()
     resumed = _loader(jpeg_shards, on_device=True, workers=1)
     resumed.load_state_dict(state)
