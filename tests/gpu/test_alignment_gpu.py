@@ -1,4 +1,5 @@
-"""Alignment on CUDA: bf16 mixed precision, DeepSpeed ZeRO-2 save/resume, and loader -> GPU throughput.
+"""Alignment on CUDA: bf16 mixed precision and DeepSpeed ZeRO-2 save/resume (loader -> GPU
+throughput, both decode paths: test_device_decode_gpu.py).
 
 Self-contained (no MiniLM: a tiny CLIP text encoder built here), so they run on a bare GPU machine.
 Figures are printed and, when $OUT is set, written to $OUT/gpu_alignment.json.
@@ -8,16 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from streamtrain.config import DataConfig, load_config
-from streamtrain.data.collate import collate_alignment
-from streamtrain.data.decoders import CaptionDecoder
-from streamtrain.data.pipeline import resolve_sources, train_loader
+from streamtrain.config import load_config
 from streamtrain.tasks import TASKS, model_types
 from streamtrain.train import checkpoint
 from streamtrain.train.tracking import read_metrics
@@ -99,38 +96,6 @@ def test_deepspeed_zero2_on_cuda_saves_and_resumes(setup: dict[str, Path], tmp_p
     steps = [m["step"] for m in read_metrics(out) if "train/loss" in m]
     assert steps == list(range(1, 11))
     RESULTS["deepspeed_zero2_cuda"] = "saved at 5, resumed to 10"
-    _write()
-
-
-def test_loader_to_gpu_throughput(setup: dict[str, Path]) -> None:
-    """Batches of 224 px train-transformed images delivered onto the GPU, K workers, pinned memory."""
-    device = torch.device("cuda")
-    workers = min(8, os.cpu_count() or 1)
-    data = DataConfig(train=str(setup["train"]), num_workers=workers, shuffle_buffer=256)
-    loader = train_loader(
-        data,
-        resolve_sources(data.train),
-        rank=0,
-        world_size=1,
-        batch_size=64,
-        seed=0,
-        decode=CaptionDecoder(image_size=224, train=True),
-        collate=collate_alignment,
-        pin_memory=True,
-    )
-    for _ in range(workers):  # start-up: every worker delivers once
-        next(loader)
-    started, samples = time.perf_counter(), 0
-    for _ in range(60):
-        batch = next(loader)
-        image = batch["image"].to(device, non_blocking=True)
-        samples += image.shape[0]
-    torch.cuda.synchronize()
-    rate = samples / (time.perf_counter() - started)
-    loader.close()
-    assert image.is_cuda and image.shape[1:] == (3, 224, 224)
-    RESULTS["loader_to_gpu"] = {"workers": workers, "samples_per_s": rate}
-    print(f"loader -> GPU: {rate:.0f} samples/s at 224 px with {workers} workers")
     _write()
 
 
