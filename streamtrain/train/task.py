@@ -42,7 +42,8 @@ class Task:
     def decoder(self, train: bool, on_device: bool = False) -> Decode:
         """Per-sample decoder for training (augmenting) or evaluation (deterministic); with
         ``on_device``, images are left as bytes and parameters for the training device to decode
-        (``streamtrain.data.decoders.image_fields``)."""
+        (``streamtrain.data.decoders.image_fields``). The trainer passes ``on_device`` only when
+        the device decodes, so a task without the parameter works wherever workers decode."""
         raise NotImplementedError
 
     def collate(self, samples: list[Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from streamtrain.train.checkpoint import CONFIG_FILE
 from streamtrain.train.checkpoint_manager import CheckpointManager
 from streamtrain.train.claim import OutputClaim, claim_output
 from streamtrain.train.optim import build_optimizer, build_scheduler
-from streamtrain.train.task import Task
+from streamtrain.train.task import Decode, Task
 from streamtrain.train.tracking import JsonlTracker, StepWindow
 
 STATE_VERSION = 1
@@ -115,12 +115,19 @@ class Trainer:
             world_size=acc.num_processes,
             batch_size=config.train.batch_size,
             seed=config.train.seed,
-            decode=self.task.decoder(train=True, on_device=self.decode_on is not None),
+            decode=self._decoder(train=True),
             collate=self.task.collate,
             batches_per_step=config.train.grad_accum_steps,
             pin_memory=self.backend.device.type == "cuda",
             decode_device=self.decode_on,
         )
+
+    def _decoder(self, train: bool) -> Decode:
+        # Asked for bytes-only samples only when the device decodes: a task written before
+        # decode_device (no on_device parameter) keeps working with workers that decode.
+        if self.decode_on is None:
+            return self.task.decoder(train=train)
+        return self.task.decoder(train=train, on_device=True)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -294,7 +301,7 @@ class Trainer:
             dataset,
             rank=acc.process_index,
             world_size=acc.num_processes,
-            decode=self.task.decoder(train=False, on_device=self.decode_on is not None),
+            decode=self._decoder(train=False),
             collate=self.task.collate,
             decode_device=self.decode_on,
         )
