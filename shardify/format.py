@@ -81,6 +81,9 @@ class ShardEntry:
     """Exact number of samples in the shard."""
     bytes: int
     """Size of the tar file in bytes."""
+    broken: list[str] = field(default_factory=list)
+    """Keys of samples that fail to decode (``shardify index --check``): they keep their place in
+    the count and readers skip them unread. Written only when not empty."""
 
 
 @dataclass
@@ -101,9 +104,25 @@ class Manifest:
     """Digest of the inputs and options; a rerun with the same ones finds the work done."""
     format_version: int = MANIFEST_FORMAT_VERSION
     created_by: str = "shardify"
+    base: str | None = None
+    """Where the shards are (a directory or ``s3://`` prefix) when not beside the manifest
+    (``shardify index --output`` for read-only shards). Written only when set."""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, ensure_ascii=False) + "\n"
+        # Optional fields are left out when unset, so readers predating them read the manifest.
+        raw = asdict(self)
+        if raw["base"] is None:
+            del raw["base"]
+        for entry in raw["shards"]:
+            if not entry["broken"]:
+                del entry["broken"]
+        return json.dumps(raw, indent=2, ensure_ascii=False) + "\n"
+
+    def shard_base(self, manifest_url: str) -> str:
+        """The directory the shard names are relative to, for the manifest at ``manifest_url``."""
+        if self.base is not None:
+            return self.base
+        return manifest_url.rsplit("/", 1)[0] if "/" in manifest_url else "."
 
     @classmethod
     def from_json(cls, text: str, where: str = "manifest.json") -> Manifest:

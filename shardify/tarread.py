@@ -7,7 +7,7 @@ their payloads, so counting or skipping samples costs headers, not payloads.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from shardify.bytestream import DEFAULT_BLOCK_SIZE, ReadStats, RetryPolicy, ShardByteStream, ShardReadError
@@ -21,6 +21,9 @@ DEFAULT_MAX_MEMBER_BYTES = 256 << 20
 # pax records and GNU long names are a few hundred bytes; a huge one is a corrupt or hostile tar.
 _MAX_HEADER_PAYLOAD = 1 << 20
 
+MemberFilter = Callable[[int, str], bool]
+"""``(sample index, member extension) -> whether to fetch that member's payload``."""
+
 
 def iter_samples(
     url: str,
@@ -31,6 +34,7 @@ def iter_samples(
     block_size: int = DEFAULT_BLOCK_SIZE,
     stats: ReadStats | None = None,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
+    fetch: MemberFilter | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The samples of shard ``url`` with index in ``[first, stop)``, in order.
 
@@ -38,7 +42,9 @@ def iter_samples(
     members whose basenames share the part before the first dot form one sample. Only basenames
     count (``../../x.jpg`` is member ``x.jpg``) and nothing is ever written to disk. A member
     larger than ``max_member_bytes`` is skipped unread and its sample gets ``"__error__"`` (the
-    reason) instead, so callers skip and count it. A shard that ends
+    reason) instead, so callers skip and count it. With ``fetch``, a member it refuses is seeked
+    past unread and stands in its sample as None, and nothing is read ahead of what is asked for
+    (a scan that reads few payloads costs headers: shardify index). A shard that ends
     early raises ShardReadError("truncated") after every sample whose end was read; the sample
     being read when the data ran out is dropped even if the cut fell right after one of its members,
     since nothing in a tar says how many members a sample has.
@@ -48,11 +54,11 @@ def iter_samples(
     if stop is not None and first >= stop:
         return iter(())
     stream = ShardByteStream(url, retry, block_size, stats)
-    return _read_samples(stream, first, stop, max_member_bytes)
+    return _read_samples(stream, first, stop, max_member_bytes, fetch)
 
 
 def _read_samples(
-    stream: ShardByteStream, first: int, stop: int | None, max_member_bytes: int
+    stream: ShardByteStream, first: int, stop: int | None, max_member_bytes: int, fetch: MemberFilter | None
 ) -> Iterator[dict[str, Any]]:
     url = stream.url
     index = -1  # of the sample whose members are being read
@@ -64,7 +70,7 @@ def _read_samples(
     try:
         while True:
             header_at = stream.offset
-            block = stream.read(TAR_BLOCK, ahead=index + 1 >= first)
+            block = stream.read(TAR_BLOCK, ahead=fetch is None and index + 1 >= first)
             if len(block) < TAR_BLOCK:
                 raise ShardReadError(url, "truncated", f"ends in or before the header at byte {header_at}")
             if block == _END_OF_ARCHIVE:
@@ -80,7 +86,7 @@ def _read_samples(
                 if size > _MAX_HEADER_PAYLOAD:
                     detail = f"extended header of {size} bytes at byte {header_at}"
                     raise ShardReadError(url, "corrupt", detail)
-                payload = _read_exact(stream, size, url)
+                payload = _read_exact(stream, size, url, ahead=fetch is None)
                 stream.skip(padded - size)
                 if typeflag == b"L":
                     long_name = payload.split(b"\0", 1)[0]
@@ -109,19 +115,23 @@ def _read_samples(
             if sample is None:
                 stream.skip(padded)
                 continue
+            if fetch is not None and not fetch(index, extension):
+                sample[extension] = None
+                stream.skip(padded)
+                continue
             if size > max_member_bytes:
                 sample["__error__"] = f"member {base} has {size} bytes, over the limit of {max_member_bytes}"
                 stream.skip(padded)
                 continue
-            sample[extension] = _read_exact(stream, size, url)
+            sample[extension] = _read_exact(stream, size, url, ahead=fetch is None)
             stream.skip(padded - size)
     finally:  # also when the caller stops early or drops the generator
         stream.close()
 
 
-def _read_exact(stream: ShardByteStream, size: int, url: str) -> bytes:
+def _read_exact(stream: ShardByteStream, size: int, url: str, ahead: bool = True) -> bytes:
     start = stream.offset
-    data = stream.read(size)
+    data = stream.read(size, ahead)
     if len(data) < size:
         raise ShardReadError(url, "truncated", f"ends inside the member at byte {start}")
     return data

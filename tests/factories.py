@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -122,3 +124,58 @@ def caption_rows(count: int, start: int = 0, size: tuple[int, int] = (48, 32)) -
         }
         for i in range(count)
     ]
+
+
+def webdataset_shards(folder: Path, samples: int, per_shard: int, prefix: str = "wds") -> list[Path]:
+    """Shards written by ``webdataset.ShardWriter`` (jpg, txt, json with a sample_id), no manifest."""
+    import webdataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with webdataset.ShardWriter(str(folder / f"{prefix}-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i in range(samples):
+            sink.write(
+                {
+                    "__key__": f"{prefix}{i:05d}",
+                    "jpg": jpeg(16, 12, seed=i),
+                    "txt": f"{prefix} caption {i}",
+                    "json": {"sample_id": f"{prefix}-id-{i}"},
+                }
+            )
+    return sorted(folder.glob(f"{prefix}-*.tar"))
+
+
+def img2dataset_shards(folder: Path, shards: int, per_shard: int) -> list[Path]:
+    """Shards in img2dataset's layout: ``00000.tar`` with ``000000001.jpg/.txt/.json`` members,
+    each beside its ``00000_stats.json`` and ``00000.parquet``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for shard in range(shards):
+        path = folder / f"{shard:05d}.tar"
+        with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+            for row in range(per_shard):
+                key = f"{shard:05d}{row:04d}"
+                meta = {"url": f"https://example.com/{key}.jpg", "caption": f"img2 {key}", "key": key}
+                meta["status"] = "success"
+                members = {
+                    "jpg": jpeg(16, 12, seed=shard * 100 + row),
+                    "txt": meta["caption"].encode(),
+                    "json": json.dumps(meta).encode(),
+                }
+                for extension, data in members.items():
+                    add_member(tar, f"{key}.{extension}", data)
+        (folder / f"{shard:05d}_stats.json").write_text(
+            json.dumps({"count": per_shard, "successes": per_shard})
+        )
+        write_parquet(
+            folder / f"{shard:05d}.parquet", [{"key": f"{shard:05d}{r:04d}"} for r in range(per_shard)]
+        )
+        paths.append(path)
+    return paths
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Add ``data`` as regular member ``name`` of an open tar."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 946684800
+    tar.addfile(info, io.BytesIO(data))

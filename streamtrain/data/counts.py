@@ -7,6 +7,8 @@ as ``data/<key>`` (``eval/data/<key>`` for a held-out pass):
 - ``decode_errors``: the decoder raised (or gave nothing) for a sample; it is skipped.
 - ``oversized_samples``: a sample with a tar member over ``max_member_bytes`` (never read).
 - ``unreadable_samples``: planned samples that a failed shard made unreadable.
+- ``broken_samples``: samples the manifest lists as broken (``shardify index --check``), skipped
+  undecoded.
 - ``shard_errors``: shards (or their rest) skipped: missing, truncated, corrupt, miscounted.
 - ``empty_batches``: training batches with nothing decoded, delivered as None in their place.
 - ``read_retries``: failed storage reads that were tried again (``data.retries`` bounds them).

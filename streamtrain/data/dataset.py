@@ -23,6 +23,8 @@ class ShardInfo:
 
     url: str
     samples: int
+    broken: frozenset[str] = field(default=frozenset(), compare=False)
+    """Keys of samples the manifest marks as failing to decode: read past, never decoded."""
 
 
 @dataclass(frozen=True)

@@ -316,7 +316,11 @@ class _Lane:
         try:
             samples = self._reader(shard, lo)
             while position < hi:
-                self.buffer[base + position] = next(samples)
+                raw = next(samples)
+                if shard.broken and raw["__key__"] in shard.broken:
+                    raw = None  # still a sample of the count, so positions stay those of the manifest
+                    self.counts["broken_samples"] += 1
+                self.buffer[base + position] = raw
                 position += 1
                 self.open = (shard.url, position, samples)
             if hi == shard.samples and next(samples, None) is not None:

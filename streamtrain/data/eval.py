@@ -70,7 +70,7 @@ class EvalStream(IterableDataset):
         pending: list[Any] = []
         stats: Counter[str] = Counter()
         for piece in pieces:
-            url = shards[piece.shard].url
+            url, broken = shards[piece.shard].url, shards[piece.shard].broken
             read = 0
             try:
                 for raw in iter_samples(
@@ -82,6 +82,9 @@ class EvalStream(IterableDataset):
                     stats=read_stats,
                 ):
                     read += 1
+                    if raw["__key__"] in broken:  # listed by `shardify index --check`: never decoded
+                        stats["broken_samples"] += 1
+                        continue
                     # Batches are filled with decoded samples: every batch but the last is full.
                     pending += decode_samples([raw], self.decode, rng, stats, warnings)
                     if len(pending) == self.batch_size:

@@ -47,8 +47,9 @@ def _parent(url: str) -> str:
 def _resolve_one(source: str) -> tuple[list[ShardInfo], str, Counter[str]]:
     """The shards of one entry, their schema, and their samples per media extension."""
     if source.endswith(MANIFEST_NAME):
-        base, manifest = _parent(source), _read_manifest(source)
-        shards = [ShardInfo(join(base, e.name), e.samples) for e in manifest.shards]
+        manifest = _read_manifest(source)
+        base = manifest.shard_base(source)  # `shardify index --output` names the shards' own place
+        shards = [ShardInfo(join(base, e.name), e.samples, frozenset(e.broken)) for e in manifest.shards]
         return shards, manifest.schema, Counter(manifest.media)
     if source.endswith(".tar") or "{" in source:
         names = list(braceexpand.braceexpand(source))
@@ -58,11 +59,11 @@ def _resolve_one(source: str) -> tuple[list[ShardInfo], str, Counter[str]]:
             base = _parent(url)
             if base not in manifests:
                 manifests[base] = _read_manifest(join(base, MANIFEST_NAME))
-            counts = {e.name: e.samples for e in manifests[base].shards}
+            entries = {e.name: e for e in manifests[base].shards}
             name = posixpath.basename(url)
-            if name not in counts:
+            if name not in entries:
                 raise DataSourceError(f"{url} is not listed in {join(base, MANIFEST_NAME)}")
-            shards.append(ShardInfo(url, counts[name]))
+            shards.append(ShardInfo(url, entries[name].samples, frozenset(entries[name].broken)))
         schemas = {m.schema for m in manifests.values()}
         media = sum((Counter(m.media) for m in manifests.values()), Counter())
         return shards, schemas.pop() if len(schemas) == 1 else "mixed", media
