@@ -22,6 +22,8 @@ from shardify.checks import (
     transcode_to_png,
 )
 from shardify.format import (
+    CHECKSUM_ALGORITHM,
+    CHECKSUMS_SUFFIX,
     COMMON_IMAGE_EXTENSIONS,
     MANIFEST_NAME,
     SKIPPED_NAME,
@@ -237,7 +239,7 @@ def _fingerprint(inputs: list[ParquetInput], schema: str, options: ConvertOption
 
 
 def _our_files(output: Output, prefix: str) -> list[str]:
-    shard_pattern = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar$")
+    shard_pattern = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar({re.escape(CHECKSUMS_SUFFIX)})?$")
     return [n for n in output.names() if shard_pattern.match(n) or n in (MANIFEST_NAME, SKIPPED_NAME)]
 
 
@@ -399,6 +401,7 @@ def _finish(
         options=options.shaping(),
         media=progress.media,
         fingerprint=fingerprint,
+        checksums=CHECKSUM_ALGORITHM if progress.checksums else None,
     )
     write_skipped_log(output, progress, SKIPPED_NAME)
     output.write_text(MANIFEST_NAME, manifest.to_json())

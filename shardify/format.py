@@ -21,6 +21,9 @@ from typing import Any
 
 MANIFEST_NAME = "manifest.json"
 SKIPPED_NAME = "skipped.jsonl"
+CHECKSUMS_SUFFIX = ".crc32.json"
+"""``shard-000000.tar.crc32.json``, beside the manifest: the CRC-32 of every member of that shard."""
+CHECKSUM_ALGORITHM = "crc32"
 MANIFEST_FORMAT_VERSION = 1
 SCHEMAS = ("caption", "qa")
 
@@ -71,6 +74,18 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:06d}.tar"
 
 
+def checksums_json(checksums: dict[str, int]) -> str:
+    """A shard's checksum file: member basename -> CRC-32 of its payload, in tar order."""
+    return json.dumps({"algorithm": CHECKSUM_ALGORITHM, "members": checksums}, separators=(",", ":"))
+
+
+def parse_checksums(text: str) -> dict[str, int]:
+    raw = json.loads(text)
+    if raw.get("algorithm") != CHECKSUM_ALGORITHM:
+        raise ValueError(f"checksum algorithm {raw.get('algorithm')!r} is not {CHECKSUM_ALGORITHM!r}")
+    return {str(name): int(value) for name, value in raw["members"].items()}
+
+
 @dataclass
 class ShardEntry:
     """One shard as the manifest lists it."""
@@ -107,12 +122,17 @@ class Manifest:
     base: str | None = None
     """Where the shards are (a directory or ``s3://`` prefix) when not beside the manifest
     (``shardify index --output`` for read-only shards). Written only when set."""
+    checksums: str | None = None
+    """``"crc32"`` when every shard has its member checksums beside the manifest, in
+    ``<shard name>.crc32.json`` (readers verify every member they read); None: not recorded.
+    Written only when set."""
 
     def to_json(self) -> str:
         # Optional fields are left out when unset, so readers predating them read the manifest.
         raw = asdict(self)
-        if raw["base"] is None:
-            del raw["base"]
+        for optional in ("base", "checksums"):
+            if raw[optional] is None:
+                del raw[optional]
         for entry in raw["shards"]:
             if not entry["broken"]:
                 del entry["broken"]

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,16 @@ import braceexpand
 
 from shardify.bytestream import ReadStats, ShardReadError
 from shardify.checks import DEFAULT_MAX_IMAGE_PIXELS, check_audio, check_image
-from shardify.format import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, MANIFEST_NAME, Manifest, ShardEntry
+from shardify.format import (
+    AUDIO_EXTENSIONS,
+    CHECKSUM_ALGORITHM,
+    CHECKSUMS_SUFFIX,
+    IMAGE_EXTENSIONS,
+    MANIFEST_NAME,
+    Manifest,
+    ShardEntry,
+    checksums_json,
+)
 from shardify.output import WORK_DIR, Output
 from shardify.sources import InputError
 from shardify.storage import as_user_error, join, storage_for
@@ -74,6 +84,8 @@ class ShardScan:
     """Per sampled sample: caption, qa or none."""
     broken: dict[str, str] = field(default_factory=dict)
     """Key -> reason, for samples that failed the check."""
+    checksums: dict[str, int] = field(default_factory=dict)
+    """With ``check``: member basename -> CRC-32 of its bytes (basenames seen twice left out)."""
     problem: str | None = None
     """Why the shard cannot be used (not a tar, truncated, a member without a key)."""
     read: ReadStats = field(default_factory=ReadStats)
@@ -172,8 +184,10 @@ def scan_shard(url: str, size: int, options: IndexOptions) -> ShardScan:
 
     def fetch(index: int, extension: str) -> bool:
         if options.check:
-            return extension in MEDIA_MEMBERS or extension in TEXT_MEMBERS
+            return True  # every member: its bytes are decoded or checksummed
         return extension == "json" and index < SCHEMA_SAMPLES
+
+    repeated: set[str] = set()
 
     try:
         for raw in iter_samples(url, stats=scan.read, fetch=fetch):
@@ -193,11 +207,27 @@ def scan_shard(url: str, size: int, options: IndexOptions) -> ShardScan:
                 reason = broken_reason(raw, options.max_image_pixels)
                 if reason is not None:
                     scan.broken[raw["__key__"]] = reason
+                _add_checksums(scan, raw, members, repeated)
     except ShardReadError as exc:
         scan.problem = exc.reason + (f" ({exc.detail})" if exc.detail else "")
         if exc.detail.endswith(" at byte 0"):  # not even one tar header
             scan.problem = f"not a tar file ({exc.detail})"
     return scan
+
+
+def _add_checksums(scan: ShardScan, raw: dict[str, Any], members: list[str], repeated: set[str]) -> None:
+    """Record the CRC-32 of each member, as readers find it (by basename); a basename that
+    occurs twice in a shard cannot be told apart, so it is left unverified."""
+    for extension in members:
+        payload = raw[extension]
+        name = f"{raw['__key__']}.{extension}"
+        if name in repeated or not isinstance(payload, bytes):
+            continue
+        if name in scan.checksums:
+            repeated.add(name)
+            del scan.checksums[name]
+            continue
+        scan.checksums[name] = zlib.crc32(payload)
 
 
 def _schema_of(raw: dict[str, Any]) -> str:
@@ -294,6 +324,12 @@ def index(
             raise BadShardsError(bad)
         manifest = build_manifest(patterns, good, base, destination, options)
         try:
+            if options.check:  # checksum files first: the manifest, written last, names them
+                for entry, scan in zip(manifest.shards, good, strict=True):
+                    name = entry.name + CHECKSUMS_SUFFIX
+                    if not output.remote:
+                        os.makedirs(os.path.dirname(output.path(name)), exist_ok=True)
+                    output.write_text(name, checksums_json(scan.checksums))
             output.write_text(MANIFEST_NAME, manifest.to_json())
         except OSError as exc:
             raise InputError(
@@ -361,6 +397,7 @@ def build_manifest(
         fingerprint=fingerprint,
         created_by=CREATED_BY,
         base=None if here else base,
+        checksums=CHECKSUM_ALGORITHM if options.check else None,
     )
 
 

@@ -15,7 +15,7 @@ from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from shardify.format import ShardEntry, shard_name
+from shardify.format import CHECKSUMS_SUFFIX, ShardEntry, checksums_json, shard_name
 from shardify.output import WORK_DIR, Output
 from shardify.tarwriter import TarShard, finished_size, sample_tar_bytes
 
@@ -38,6 +38,8 @@ class Progress:
     media: dict[str, int] = field(default_factory=dict)
     shards: list[ShardEntry] = field(default_factory=list)
     skip_segments: list[str] = field(default_factory=list)
+    checksums: bool = True
+    """Every committed shard has its ``.crc32.json`` (False for a journal begun before them)."""
     version: int = JOURNAL_VERSION
 
     @property
@@ -53,6 +55,7 @@ class Progress:
         if raw.get("version") != JOURNAL_VERSION:
             raise ValueError(f"journal version {raw.get('version')!r} is not {JOURNAL_VERSION}")
         raw["shards"] = [ShardEntry(**entry) for entry in raw["shards"]]
+        raw.setdefault("checksums", False)
         return cls(**raw)
 
 
@@ -123,6 +126,11 @@ class ShardSequence:
         if self._shard is not None:
             name = shard_name(self.prefix, len(progress.shards))
             size = self._shard.finish()
+            # The checksums go first: a shard that is visible always has them.
+            sums = name + CHECKSUMS_SUFFIX
+            with open(self.output.scratch_path(sums + ".partial"), "w", encoding="utf-8") as handle:
+                handle.write(checksums_json(self._shard.checksums))
+            files.append((sums + ".partial", sums))
             files.append((name + ".partial", name))
             progress.shards.append(ShardEntry(name=name, samples=self._shard.samples, bytes=size))
             self._shard = None

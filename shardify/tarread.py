@@ -7,10 +7,17 @@ their payloads, so counting or skipping samples costs headers, not payloads.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import functools
+import logging
+import zlib
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from shardify.bytestream import DEFAULT_BLOCK_SIZE, ReadStats, RetryPolicy, ShardByteStream, ShardReadError
+from shardify.format import parse_checksums
+from shardify.storage import filesystem
+
+log = logging.getLogger(__name__)
 
 TAR_BLOCK = 512
 _END_OF_ARCHIVE = bytes(TAR_BLOCK)
@@ -35,6 +42,7 @@ def iter_samples(
     stats: ReadStats | None = None,
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     fetch: MemberFilter | None = None,
+    checksums: Mapping[str, int] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The samples of shard ``url`` with index in ``[first, stop)``, in order.
 
@@ -48,17 +56,40 @@ def iter_samples(
     early raises ShardReadError("truncated") after every sample whose end was read; the sample
     being read when the data ran out is dropped even if the cut fell right after one of its members,
     since nothing in a tar says how many members a sample has.
+
+    With ``checksums`` (member basename -> CRC-32, see ``load_checksums``) every member read is
+    verified; a sample with a mismatching member gets ``"__checksum_error__"`` (which member, both
+    values) so callers skip and count it. Members the mapping does not list are not verified.
     """
     if first < 0 or (stop is not None and stop < first):
         raise ValueError(f"bad sample range [{first}, {stop}) for {url}")
     if stop is not None and first >= stop:
         return iter(())
     stream = ShardByteStream(url, retry, block_size, stats)
-    return _read_samples(stream, first, stop, max_member_bytes, fetch)
+    return _read_samples(stream, first, stop, max_member_bytes, fetch, checksums)
+
+
+@functools.lru_cache(maxsize=16)
+def load_checksums(url: str) -> Mapping[str, int] | None:
+    """A shard's member checksums from its ``.crc32.json`` file at ``url``; None (and a warning)
+    when it cannot be read, so that the shard is still read, unverified. Cached: a worker opens
+    the same shard once per lane reading it."""
+    try:
+        fs, path = filesystem(url)
+        with fs.open(path, "r", encoding="utf-8") as handle:
+            return parse_checksums(handle.read())
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("reading %s unverified: its checksums cannot be read (%s)", url, exc)
+        return None
 
 
 def _read_samples(
-    stream: ShardByteStream, first: int, stop: int | None, max_member_bytes: int, fetch: MemberFilter | None
+    stream: ShardByteStream,
+    first: int,
+    stop: int | None,
+    max_member_bytes: int,
+    fetch: MemberFilter | None,
+    checksums: Mapping[str, int] | None,
 ) -> Iterator[dict[str, Any]]:
     url = stream.url
     index = -1  # of the sample whose members are being read
@@ -123,8 +154,12 @@ def _read_samples(
                 sample["__error__"] = f"member {base} has {size} bytes, over the limit of {max_member_bytes}"
                 stream.skip(padded)
                 continue
-            sample[extension] = _read_exact(stream, size, url, ahead=fetch is None)
+            payload = sample[extension] = _read_exact(stream, size, url, ahead=fetch is None)
             stream.skip(padded - size)
+            expected = checksums.get(base) if checksums is not None else None
+            if expected is not None and zlib.crc32(payload) != expected:
+                got = zlib.crc32(payload)
+                sample["__checksum_error__"] = f"member {base}: crc32 {got:08x}, recorded {expected:08x}"
     finally:  # also when the caller stops early or drops the generator
         stream.close()
 

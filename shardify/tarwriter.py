@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import zlib
 
 from shardify.format import TAR_MTIME
 
@@ -53,13 +54,17 @@ class TarShard:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.data_bytes = 0
         self.samples = 0
+        self.checksums: dict[str, int] = {}
+        """CRC-32 of every member's payload, by member name, in write order."""
 
     def add_sample(self, key: str, members: list[tuple[str, bytes]]) -> None:
         # One write per sample: on a busy machine every syscall costs a GIL hand-off with the
         # checker threads, so few large writes keep this thread cheap.
         chunks = []
         for extension, payload in members:
-            chunks.append(ustar_header(f"{key}.{extension}".encode(), len(payload)))
+            name = f"{key}.{extension}"
+            self.checksums[name] = zlib.crc32(payload)
+            chunks.append(ustar_header(name.encode(), len(payload)))
             chunks.append(payload)
             pad = _padded(len(payload)) - len(payload)
             if pad:

@@ -13,6 +13,8 @@ as ``data/<key>`` (``eval/data/<key>`` for a held-out pass):
 - ``empty_batches``: training batches with nothing decoded, delivered as None in their place.
 - ``read_retries``: failed storage reads that were tried again (``data.retries`` bounds them).
 - ``read_reopens``: objects reopened at the byte where a failed read stopped.
+- ``checksum_errors``: a member whose bytes differ from the CRC-32 shardify recorded (rot on
+  disk, damage in transfer); the sample is skipped, even when it would still decode.
 - ``device_decode_fallbacks``: JPEGs the training device's decoder refused, decoded by Pillow in
   the training process instead (device_decode.py).
 """
@@ -50,6 +52,11 @@ def decode_samples(
         if "__error__" in raw:  # the tar reader left a member over the size limit unread
             counts["oversized_samples"] += 1
             warnings.warn(f"skipping sample {raw['__key__']} of {raw['__url__']}: {raw['__error__']}")
+            continue
+        if "__checksum_error__" in raw:  # bytes that changed since shardify recorded them
+            counts["checksum_errors"] += 1
+            problem = raw["__checksum_error__"]
+            warnings.warn(f"skipping sample {raw['__key__']} of {raw['__url__']}: {problem}")
             continue
         try:
             sample = decode(raw, rng)

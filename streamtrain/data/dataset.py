@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
+from shardify.tarread import load_checksums
 from streamtrain.data.mixture import Schedule
 
 
@@ -25,6 +27,12 @@ class ShardInfo:
     samples: int
     broken: frozenset[str] = field(default=frozenset(), compare=False)
     """Keys of samples the manifest marks as failing to decode: read past, never decoded."""
+    checksums: str | None = field(default=None, compare=False)
+    """URL of the shard's member checksums (``<shard>.crc32.json``); None where not recorded."""
+
+    def member_checksums(self) -> Mapping[str, int] | None:
+        """What readers verify members against (loaded once per process and shard)."""
+        return load_checksums(self.checksums) if self.checksums is not None else None
 
 
 @dataclass(frozen=True)

@@ -348,6 +348,7 @@ class _Lane:
             self.owner.stream.retry,
             max_member_bytes=settings.max_member_bytes,
             stats=self.owner.read_stats,
+            checksums=shard.member_checksums(),
         )
 
 

@@ -80,6 +80,7 @@ class EvalStream(IterableDataset):
                     self.retry,
                     max_member_bytes=self.max_member_bytes,
                     stats=read_stats,
+                    checksums=shards[piece.shard].member_checksums(),
                 ):
                     read += 1
                     if raw["__key__"] in broken:  # listed by `shardify index --check`: never decoded

@@ -14,7 +14,7 @@ from collections import Counter
 
 import braceexpand
 
-from shardify.format import MANIFEST_NAME, Manifest
+from shardify.format import CHECKSUMS_SUFFIX, MANIFEST_NAME, Manifest, ShardEntry
 from shardify.storage import as_user_error, filesystem, join
 from streamtrain.data.dataset import Dataset, ShardInfo, Source
 from streamtrain.errors import UserError
@@ -44,12 +44,20 @@ def _parent(url: str) -> str:
     return url.rsplit("/", 1)[0] if "/" in url else "."
 
 
+def _shard_info(url: str, entry: ShardEntry, manifest: Manifest, manifest_dir: str) -> ShardInfo:
+    """One listed shard; its checksum file lies beside the manifest (which may not be where the
+    shards are: ``shardify index --output``)."""
+    checksums = join(manifest_dir, entry.name + CHECKSUMS_SUFFIX) if manifest.checksums else None
+    return ShardInfo(url, entry.samples, frozenset(entry.broken), checksums)
+
+
 def _resolve_one(source: str) -> tuple[list[ShardInfo], str, Counter[str]]:
     """The shards of one entry, their schema, and their samples per media extension."""
     if source.endswith(MANIFEST_NAME):
         manifest = _read_manifest(source)
         base = manifest.shard_base(source)  # `shardify index --output` names the shards' own place
-        shards = [ShardInfo(join(base, e.name), e.samples, frozenset(e.broken)) for e in manifest.shards]
+        here = _parent(source)
+        shards = [_shard_info(join(base, e.name), e, manifest, here) for e in manifest.shards]
         return shards, manifest.schema, Counter(manifest.media)
     if source.endswith(".tar") or "{" in source:
         names = list(braceexpand.braceexpand(source))
@@ -63,7 +71,7 @@ def _resolve_one(source: str) -> tuple[list[ShardInfo], str, Counter[str]]:
             name = posixpath.basename(url)
             if name not in entries:
                 raise DataSourceError(f"{url} is not listed in {join(base, MANIFEST_NAME)}")
-            shards.append(ShardInfo(url, entries[name].samples, frozenset(entries[name].broken)))
+            shards.append(_shard_info(url, entries[name], manifests[base], base))
         schemas = {m.schema for m in manifests.values()}
         media = sum((Counter(m.media) for m in manifests.values()), Counter())
         return shards, schemas.pop() if len(schemas) == 1 else "mixed", media

@@ -236,4 +236,5 @@ class _Run:
             self.retry,
             max_member_bytes=self.max_member_bytes,
             stats=self.read_stats,
+            checksums=shard.member_checksums(),
         )

@@ -65,8 +65,10 @@ def test_counts_reconcile_and_manifest_is_exact(mixed_parquet: Path, tmp_path: P
     assert [e["samples"] for e in manifest["shards"]] == [25, 25, 25, 25, manifest["samples_written"] - 100]
     assert manifest["schema"] == "caption" and manifest["inputs"] == [str(mixed_parquet)]
     assert manifest["options"]["max_samples_per_shard"] == 25
+    sums = [e["name"] + ".crc32.json" for e in manifest["shards"]]
+    assert manifest["checksums"] == "crc32"
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [e["name"] for e in manifest["shards"]] + ["manifest.json", "skipped.jsonl"]
+        [e["name"] for e in manifest["shards"]] + sums + ["manifest.json", "skipped.jsonl"]
     )
 
 
