@@ -6,16 +6,20 @@ Makes its own Pixmo-like input (photo-like ~1000px JPEGs, a few % corrupt), then
 - a raw-copy baseline (pyarrow batches -> tarfile, no checks): the cost of checking;
 - peak RSS on an input 3x larger, to show memory does not grow with input size;
 - three image checks (Image.verify, reduced-scale JPEG decode, full decode) on a corruption
-  suite: what each catches against what a loader's full decode would fail on, and its speed.
+  suite: what each catches against what a loader's full decode would fail on, and its speed;
+- images by URL (``image_url``) from a loopback server that answers after a fixed latency:
+  images/s fetched and converted at the default --fetch-workers against --fetch-workers 1.
 
 Every measurement runs in a fresh child process so its peak RSS is its own.
 
     python benchmarks/bench_shardify.py [--rows 3000] [--big-factor 3] [--json results.json]
+    python benchmarks/bench_shardify.py --fetch-only [--fetch-rows 300] [--fetch-latency-ms 50]
 """
 
 from __future__ import annotations
 
 import argparse
+import http.server
 import io
 import json
 import os
@@ -25,6 +29,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -38,6 +43,7 @@ from PIL import Image  # noqa: E402
 
 from shardify.checks import check_image  # noqa: E402
 from shardify.convert import ConvertOptions, check_media, convert  # noqa: E402
+from shardify.fetch import FetchOptions  # noqa: E402
 
 DISTINCT_IMAGES = 96
 CORRUPT_FRACTION = 0.03
@@ -129,6 +135,76 @@ def child_convert(source: str, workers: int, scratch: str) -> dict:
         "media_bytes": result.media_bytes_this_run,
         "written": result.manifest.samples_written,
     }
+
+
+def child_fetch(source: str, fetch_workers: int, scratch: str) -> dict:
+    out = tempfile.mkdtemp(dir=scratch, prefix="fetched-")
+    options = ConvertOptions(output=out, max_samples_per_shard=500, fetch=FetchOptions(workers=fetch_workers))
+    started, cpu = time.perf_counter(), time.process_time()
+    result = convert([source], options)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    shutil.rmtree(out)
+    return {
+        "rows": result.rows_this_run,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "media_bytes": result.media_bytes_this_run,
+        "written": result.manifest.samples_written,
+    }
+
+
+class LatencyServer(http.server.ThreadingHTTPServer):
+    """Loopback HTTP server: /N.jpg is ``images[N % len]``, sent after ``latency_s``."""
+
+    daemon_threads = True
+
+    def __init__(self, images: list[bytes], latency_s: float) -> None:
+        super().__init__(("127.0.0.1", 0), _LatencyHandler)
+        self.images, self.latency_s = images, latency_s
+
+
+class _LatencyHandler(http.server.BaseHTTPRequestHandler):
+    server: LatencyServer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        time.sleep(self.server.latency_s)
+        body = self.server.images[int(self.path.strip("/").split(".")[0]) % len(self.server.images)]
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def measure_fetch(work: Path, distinct: list[bytes], rows: int, latency_ms: float, repeats: int) -> dict:
+    """Convert ``rows`` image_url rows served with ``latency_ms`` each, at 16 and at 1 fetch workers."""
+    server = LatencyServer(distinct, latency_ms / 1000)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        source = work / "pixmo-urls.parquet"
+        table = pa.table(
+            {
+                "sample_id": [f"u{i}" for i in range(rows)],
+                "caption": [f"photo {i}" for i in range(rows)],
+                "image_url": [f"http://127.0.0.1:{port}/{i}.jpg" for i in range(rows)],
+            }
+        )
+        pq.write_table(table, source)
+        default = FetchOptions().workers
+        return {
+            "rows": rows,
+            "latency_ms": latency_ms,
+            "default_workers": default,
+            "default": best_of(repeats, "fetch", str(source), str(default), str(work)),
+            "one": best_of(repeats, "fetch", str(source), "1", str(work)),
+        }
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def child_rawcopy(source: str, scratch: str) -> dict:
@@ -241,6 +317,8 @@ def child_main(argv: list[str]) -> None:
         result = child_convert(rest[0], int(rest[1]), rest[2])
     elif mode == "rawcopy":
         result = child_rawcopy(rest[0], rest[1])
+    elif mode == "fetch":
+        result = child_fetch(rest[0], int(rest[1]), rest[2])
     else:
         result = child_variants(rest[0], int(rest[1]))
     result["peak_rss_mb"] = peak_rss_mb()
@@ -273,7 +351,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per measurement; the fastest counts")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
+    parser.add_argument("--fetch-rows", type=int, default=300, help="image_url rows (0 skips the fetch run)")
+    parser.add_argument(
+        "--fetch-latency-ms", type=float, default=50, help="the server's delay before each response"
+    )
+    parser.add_argument("--fetch-only", action="store_true", help="run only the image_url measurement")
     args = parser.parse_args()
+    if args.fetch_only:
+        with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-shardify-") as scratch:
+            distinct = [pixmo_photo(seed) for seed in range(DISTINCT_IMAGES // 4)]
+            fetch = measure_fetch(
+                Path(scratch), distinct, args.fetch_rows, args.fetch_latency_ms, args.repeats
+            )
+        if args.json:
+            Path(args.json).write_text(json.dumps({"fetch": fetch}, indent=2))
+        report_fetch(fetch)
+        return
 
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-shardify-") as scratch:
         work = Path(scratch)
@@ -308,9 +401,33 @@ def main() -> None:
         results["variants"] = run_child(
             "variants", str(work / "pixmo-big.parquet" if args.big_factor else source), "150"
         )
+        if args.fetch_rows:
+            results["fetch"] = measure_fetch(
+                work, distinct, args.fetch_rows, args.fetch_latency_ms, args.repeats
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     report(results)
+
+
+def report_fetch(f: dict) -> None:
+    default, one = f["default"], f["one"]
+    print(
+        f"\nimages by URL: {f['rows']} rows of 1024x768 JPEGs from a loopback server answering after "
+        f"{f['latency_ms']:g} ms:\n"
+    )
+    print("| --fetch-workers | images/s (fetched + checked + written) | CPU ms/row | ratio |")
+    print("|---:|---:|---:|---|")
+    for label, m, ratio in (
+        (
+            f"{f['default_workers']} (default)",
+            default,
+            f"{one['seconds'] / default['seconds']:.1f}x workers=1",
+        ),
+        ("1", one, f"1.00x; latency bound {1000 / f['latency_ms']:.0f}/s"),
+    ):
+        cpu_ms = 1000 * m["cpu_seconds"] / m["rows"]
+        print(f"| {label} | {m['rows'] / m['seconds']:,.0f} | {cpu_ms:.2f} | {ratio} |")
 
 
 def report(r: dict) -> None:
@@ -367,6 +484,8 @@ def report(r: dict) -> None:
             f"| {name} | {m['images_per_s']:,.0f} | {m['caught']} | {m['missed']} "
             f"| {m['rejected_loadable']} |"
         )
+    if "fetch" in r:
+        report_fetch(r["fetch"])
 
 
 if __name__ == "__main__":

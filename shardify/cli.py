@@ -13,8 +13,9 @@ from tqdm import tqdm
 
 from shardify.checks import DEFAULT_MAX_IMAGE_PIXELS
 from shardify.convert import ConvertOptions, ConvertResult, convert, default_workers
+from shardify.fetch import FetchOptions
 from shardify.index import BadShardsError, IndexOptions, IndexResult, ShardScan, index
-from shardify.sources import InputError
+from shardify.sources import FIELDS, InputError, parse_column_specs
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 _SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
@@ -29,6 +30,10 @@ Row schemas (detected from the columns unless --schema is given):
   caption  sample_id, caption, image_bytes      -> KEY.jpg|png|..., KEY.txt, KEY.json
   qa       question, answer, image_bytes [, sample_id]  -> KEY.jpg|png|..., KEY.json
 An audio_bytes column (wav/flac/ogg/mp3) may stand beside or instead of image_bytes.
+Media columns may also be Hugging Face Image/Audio structs (struct<bytes, path>). Instead of
+image_bytes, an image_url column (+ optional image_sha256, Pixmo's published layout) has each
+image downloaded, verified and checked; failed downloads are skipped with their own reason.
+Columns named otherwise are mapped with --column FIELD=COLUMN.
 Every image and clip is decoded at conversion time; rows that fail are skipped and logged
 in OUT/skipped.jsonl. OUT/manifest.json, written last, lists each shard's exact sample count.
 A run that is interrupted resumes where it stopped when started again with the same arguments.
@@ -110,6 +115,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="store GIF/BMP/TIFF images as lossless PNG so readers that only know "
         "jpg/png/webp (open_clip) see them; JPEG/PNG/WebP are never re-encoded",
     )
+    p.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="FIELD=COLUMN",
+        help="read FIELD from the column COLUMN (repeatable); the sample's .json names it FIELD. "
+        f"Fields: {', '.join(FIELDS)}",
+    )
+    fetch_defaults = FetchOptions()
+    p.add_argument(
+        "--fetch-workers",
+        type=int,
+        default=fetch_defaults.workers,
+        metavar="N",
+        help="concurrent downloads for image_url rows (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fetch-timeout",
+        type=float,
+        default=fetch_defaults.timeout_s,
+        metavar="S",
+        help="seconds to wait for a connection and for each read of a download (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fetch-retries",
+        type=int,
+        default=fetch_defaults.retries,
+        metavar="N",
+        help="retries, with exponential backoff, after a 5xx status, a timeout or a dropped "
+        "connection; 4xx statuses are not retried (default: %(default)s)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace whatever conversion OUT already holds")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, one summary line")
     _add_index_parser(commands)
@@ -185,19 +221,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "index":
         return index_main(args)
-    options = ConvertOptions(
-        output=args.output,
-        schema=args.schema,
-        max_samples_per_shard=args.max_samples_per_shard,
-        max_shard_bytes=args.max_shard_bytes,
-        prefix=args.prefix,
-        max_image_pixels=args.max_image_pixels,
-        transcode_uncommon=args.transcode_uncommon,
-        workers=args.workers,
-        overwrite=args.overwrite,
-    )
     progress = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty())
     try:
+        options = ConvertOptions(
+            output=args.output,
+            schema=args.schema,
+            max_samples_per_shard=args.max_samples_per_shard,
+            max_shard_bytes=args.max_shard_bytes,
+            prefix=args.prefix,
+            max_image_pixels=args.max_image_pixels,
+            transcode_uncommon=args.transcode_uncommon,
+            columns=parse_column_specs(args.column),
+            workers=args.workers,
+            fetch=FetchOptions(args.fetch_workers, args.fetch_timeout, args.fetch_retries),
+            overwrite=args.overwrite,
+        )
         result = convert(args.inputs, options, on_rows=progress.rows, on_plan=progress.plan)
     except InputError as exc:
         print(f"shardify: error: {exc}", file=sys.stderr)

@@ -13,6 +13,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 from shardify.checks import (
     DEFAULT_MAX_IMAGE_PIXELS,
     MediaCheck,
@@ -21,6 +23,7 @@ from shardify.checks import (
     check_text,
     transcode_to_png,
 )
+from shardify.fetch import Fetched, Fetcher, FetchOptions
 from shardify.format import (
     CHECKSUM_ALGORITHM,
     CHECKSUMS_SUFFIX,
@@ -35,12 +38,16 @@ from shardify.output import WORK_DIR, Output
 from shardify.sources import (
     AUDIO_COLUMN,
     IMAGE_COLUMN,
+    SHA256_COLUMN,
     TEXT_COLUMNS,
+    URL_COLUMN,
     InputError,
+    Layout,
     ParquetInput,
+    column_problems,
     detect_schema,
     expand_inputs,
-    is_binary,
+    media_values,
     open_inputs,
 )
 
@@ -53,7 +60,8 @@ def default_workers() -> int:
 
 @dataclass
 class ConvertOptions:
-    """How to convert; everything but ``workers``, ``overwrite`` and ``batch_rows`` shapes the output."""
+    """How to convert; everything but ``workers``, ``fetch``, ``overwrite`` and ``batch_rows`` shapes
+    the output."""
 
     output: str
     """Local directory or s3://bucket/prefix."""
@@ -65,7 +73,11 @@ class ConvertOptions:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     transcode_uncommon: bool = False
     """Re-encode GIF/BMP/TIFF images as PNG so readers that know only jpg/png/webp see them."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Field -> the column to read it from (``--column FIELD=COLUMN``); unmapped fields use their name."""
     workers: int = field(default_factory=default_workers)
+    fetch: FetchOptions = field(default_factory=FetchOptions)
+    """Downloading of ``image_url`` rows. Not part of the fingerprint: a rerun may change them."""
     overwrite: bool = False
     batch_rows: int = 32
 
@@ -76,18 +88,23 @@ class ConvertOptions:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not _PREFIX_PATTERN.match(self.prefix):
             problems.append(f"--prefix {self.prefix!r} may hold only letters, digits, '_' and '-'")
+        problems += column_problems(self.columns) + self.fetch.problems()
         if problems:
             raise InputError("; ".join(problems))
 
     def shaping(self) -> dict[str, Any]:
         """The options that determine the output (recorded in the manifest)."""
-        return {
+        shaping: dict[str, Any] = {
             "max_samples_per_shard": self.max_samples_per_shard,
             "max_shard_bytes": self.max_shard_bytes,
             "prefix": self.prefix,
             "max_image_pixels": self.max_image_pixels,
             "transcode_uncommon": self.transcode_uncommon,
         }
+        # Only when given, so conversions without a mapping keep the fingerprint they always had.
+        if self.columns:
+            shaping["columns"] = dict(sorted(self.columns.items()))
+        return shaping
 
 
 @dataclass
@@ -112,6 +129,9 @@ class RowBatch:
     images: list[bytes | None] | None
     audios: list[bytes | None] | None
     json_rows: list[dict[str, Any]]
+    image_urls: list[Any] | None = None
+    """Where to fetch each row's image, when the input names images by URL instead of holding them."""
+    image_sha256s: list[Any] | None = None
 
     def __len__(self) -> int:
         return len(self.json_rows)
@@ -131,6 +151,7 @@ def check_media(
     audios: list[bytes | None] | None,
     max_pixels: int,
     transcode_uncommon: bool,
+    column: str = IMAGE_COLUMN,
 ) -> list[RowMedia]:
     """The per-row media checks of one batch; runs on a worker thread (decoders release the GIL)."""
     count = len(images if images is not None else audios or [])
@@ -138,7 +159,7 @@ def check_media(
     for i in range(count):
         image = images[i] if images is not None else None
         audio = audios[i] if audios is not None else None
-        image_check = check_image(image, max_pixels) if image is not None else None
+        image_check = check_image(image, max_pixels, column=column) if image is not None else None
         payload = image
         if (
             transcode_uncommon
@@ -155,24 +176,51 @@ def check_media(
     return verdicts
 
 
+def check_fetched(
+    fetches: list[Future[Fetched] | None],
+    audios: list[bytes | None] | None,
+    max_pixels: int,
+    transcode_uncommon: bool,
+) -> list[RowMedia]:
+    """:func:`check_media` on images being fetched; a failed fetch is the row's image verdict."""
+    fetched = [job.result() if job is not None else None for job in fetches]
+    images = [f.data if f is not None else None for f in fetched]
+    verdicts = check_media(images, audios, max_pixels, transcode_uncommon, column=URL_COLUMN)
+    for i, outcome in enumerate(fetched):
+        if outcome is not None and not outcome.ok:
+            verdicts[i] = RowMedia(MediaCheck.fail(outcome.reason, outcome.detail), verdicts[i].audio, None)
+    return verdicts
+
+
+def _field_values(batch: pa.RecordBatch, layout: Layout, field_name: str) -> list[Any] | None:
+    column = layout.column(field_name)
+    return batch.column(column).to_pylist() if column is not None else None
+
+
 def iter_batches(
-    inputs: list[ParquetInput], source: int, row: int, schema: str, batch_rows: int
+    inputs: list[ParquetInput], layouts: list[Layout], source: int, row: int, schema: str, batch_rows: int
 ) -> Iterator[RowBatch]:
     """All rows from ``(source, row)`` on, in input order."""
-    for item in inputs[source:]:
+    for item, layout in zip(inputs[source:], layouts[source:], strict=True):
         start = row if item.index == source else 0
-        names = item.schema.names
-        json_columns = [f.name for f in item.schema if not is_binary(f)]
-        columns = json_columns + [c for c in (IMAGE_COLUMN, AUDIO_COLUMN) if c in names]
+        fields = layout.fields
+        # Image bytes in the input win over a URL: nothing is fetched for such inputs.
+        fetching = IMAGE_COLUMN not in fields and URL_COLUMN in fields
+        media = [fields[f] for f in (IMAGE_COLUMN, AUDIO_COLUMN) if f in fields]
+        columns = list(dict.fromkeys(layout.json_columns + [fields[f] for f in fields] + media))
+
         for batch in item.iter_batches(start, batch_rows, columns):
+            metadata = batch.select(layout.json_columns).rename_columns(layout.json_names)
             yield RowBatch(
                 source=item,
                 start=start,
-                sample_ids=batch.column("sample_id").to_pylist() if "sample_id" in names else None,
-                texts={c: batch.column(c).to_pylist() for c in TEXT_COLUMNS[schema]},
-                images=batch.column(IMAGE_COLUMN).to_pylist() if IMAGE_COLUMN in names else None,
-                audios=batch.column(AUDIO_COLUMN).to_pylist() if AUDIO_COLUMN in names else None,
-                json_rows=batch.select(json_columns).to_pylist(),
+                sample_ids=_field_values(batch, layout, "sample_id"),
+                texts={f: batch.column(fields[f]).to_pylist() for f in TEXT_COLUMNS[schema]},
+                images=media_values(batch.column(fields[IMAGE_COLUMN])) if IMAGE_COLUMN in fields else None,
+                audios=media_values(batch.column(fields[AUDIO_COLUMN])) if AUDIO_COLUMN in fields else None,
+                json_rows=metadata.to_pylist(),
+                image_urls=_field_values(batch, layout, URL_COLUMN) if fetching else None,
+                image_sha256s=_field_values(batch, layout, SHA256_COLUMN) if fetching else None,
             )
             start += batch.num_rows
 
@@ -185,9 +233,8 @@ def _row_failure(batch: RowBatch, i: int, media: RowMedia) -> tuple[str, str] | 
     """Why row ``i`` cannot become a sample, or None."""
     checks = [c for c in (media.image, media.audio) if c is not None]
     if not checks:
-        columns = [
-            c for c, v in ((IMAGE_COLUMN, batch.images), (AUDIO_COLUMN, batch.audios)) if v is not None
-        ]
+        media = ((IMAGE_COLUMN, batch.images), (URL_COLUMN, batch.image_urls), (AUDIO_COLUMN, batch.audios))
+        columns = [c for c, v in media if v is not None]
         return "missing", " and ".join(columns) + (" is null" if len(columns) == 1 else " are null")
     for check in checks:
         if not check.ok:
@@ -291,7 +338,7 @@ def convert(
     started = time.perf_counter()
     options.validate()
     inputs = open_inputs(expand_inputs(patterns))
-    schema = detect_schema(inputs, options.schema)
+    schema, layouts = detect_schema(inputs, options.schema, options.columns)
     fingerprint = _fingerprint(inputs, schema, options)
     output = Output(options.output)
     try:
@@ -306,7 +353,7 @@ def convert(
             output, state, options.prefix, options.max_samples_per_shard, options.max_shard_bytes
         )
         try:
-            media_bytes = _run(inputs, state, schema, options, sequence, on_rows)
+            media_bytes = _run(inputs, layouts, state, schema, options, sequence, on_rows)
             sequence.commit(len(inputs), 0)
         finally:
             sequence.close()
@@ -325,42 +372,58 @@ def convert(
 
 def _run(
     inputs: list[ParquetInput],
+    layouts: list[Layout],
     progress: Progress,
     schema: str,
     options: ConvertOptions,
     sequence: ShardSequence,
     on_rows: Callable[[int], None] | None,
 ) -> int:
-    """Check batches on ``options.workers`` threads while this thread reads and writes in order."""
+    """Check batches on ``options.workers`` threads while this thread reads and writes in order.
+
+    Images named by URL are fetched on ``options.fetch.workers`` more threads, ahead of the
+    writer: the read position runs that far ahead of the rows written, never behind the resume
+    point, so committed rows are not fetched again.
+    """
     media_bytes = 0
     in_flight: deque[tuple[RowBatch, Future[list[RowMedia]]]] = deque()
-    # Enough batches queued to keep every worker busy, few enough to bound memory.
+    # Enough batches queued to keep every worker busy, few enough to bound memory; with URLs,
+    # also a few rows per fetch thread, so one slow URL does not leave the others idle at once.
     max_in_flight = 2 * options.workers + 1
+    if any(URL_COLUMN in layout.fields and IMAGE_COLUMN not in layout.fields for layout in layouts):
+        max_in_flight = max(max_in_flight, -(-4 * options.fetch.workers // options.batch_rows) + 1)
 
-    def write_oldest() -> None:
+    def write_oldest() -> int:
         batch, verdicts = in_flight.popleft()
-        write_batch(batch, verdicts.result(), sequence, schema)
+        checked = verdicts.result()
+        write_batch(batch, checked, sequence, schema)
         if on_rows:
             on_rows(len(batch))
+        if batch.image_urls is None:
+            return 0
+        return sum(len(v.image_payload) for v in checked if v.image_payload and v.image and v.image.ok)
 
-    with ThreadPoolExecutor(options.workers, thread_name_prefix="shardify-check") as pool:
+    with (
+        ThreadPoolExecutor(options.workers, thread_name_prefix="shardify-check") as pool,
+        Fetcher(options.fetch) as fetcher,
+    ):
         try:
-            batches = iter_batches(inputs, progress.source, progress.row, schema, options.batch_rows)
+            batches = iter_batches(inputs, layouts, progress.source, progress.row, schema, options.batch_rows)
             for batch in batches:
                 for values in (batch.images, batch.audios):
                     media_bytes += sum(len(v) for v in values or () if v)
-                job = pool.submit(
-                    check_media,
-                    batch.images,
-                    batch.audios,
-                    options.max_image_pixels,
-                    options.transcode_uncommon,
-                )
+                limits = (options.max_image_pixels, options.transcode_uncommon)
+                if batch.image_urls is not None:
+                    sha256s = batch.image_sha256s or [None] * len(batch)
+                    fetches = [fetcher.submit(u, h) for u, h in zip(batch.image_urls, sha256s, strict=True)]
+                    job = pool.submit(check_fetched, fetches, batch.audios, *limits)
+                else:
+                    job = pool.submit(check_media, batch.images, batch.audios, *limits)
                 in_flight.append((batch, job))
                 if len(in_flight) >= max_in_flight:
-                    write_oldest()
+                    media_bytes += write_oldest()
             while in_flight:
-                write_oldest()
+                media_bytes += write_oldest()
         finally:
             for _, job in in_flight:
                 job.cancel()

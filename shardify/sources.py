@@ -1,4 +1,4 @@
-"""Finding and opening parquet inputs on local disk or S3, and deciding their schema."""
+"""Finding and opening parquet inputs on local disk or S3, and deciding their schema and layout."""
 
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ from shardify.storage import as_user_error, filesystem, is_remote, storage_for
 IMAGE_COLUMN = "image_bytes"
 AUDIO_COLUMN = "audio_bytes"
 MEDIA_COLUMNS = (IMAGE_COLUMN, AUDIO_COLUMN)
+URL_COLUMN = "image_url"
+SHA256_COLUMN = "image_sha256"
 TEXT_COLUMNS = {"caption": ("caption",), "qa": ("question", "answer")}
+FIELDS = ("sample_id", "caption", "question", "answer", IMAGE_COLUMN, URL_COLUMN, SHA256_COLUMN, AUDIO_COLUMN)
+"""What ``--column FIELD=COLUMN`` can name; each field is read from the column of its own name by default."""
 
 
 class InputError(Exception):
@@ -114,14 +118,122 @@ def is_binary(field: pa.Field) -> bool:
     return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)
 
 
-def detect_schema(inputs: list[ParquetInput], requested: str | None) -> str:
-    """The row schema (caption or qa): as requested, or from the columns; checks every file."""
+def _is_text(field: pa.Field) -> bool:
+    return pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
+
+
+def is_media_struct(field: pa.Field) -> bool:
+    """A Hugging Face ``datasets`` Image/Audio column: ``struct<bytes: binary, path: string>``."""
+    kind = field.type
+    if not pa.types.is_struct(kind) or kind.get_field_index("bytes") < 0:
+        return False
+    return is_binary(kind.field(kind.get_field_index("bytes")))
+
+
+def media_values(column: pa.Array) -> list[bytes | None]:
+    """The media bytes of a binary column, or the ``bytes`` of a media struct column."""
+    if pa.types.is_struct(column.type):
+        return [None if value is None else value["bytes"] for value in column.to_pylist()]
+    return column.to_pylist()
+
+
+def parse_column_specs(specs: list[str]) -> dict[str, str]:
+    """``["caption=text", ...]`` (from ``--column``) as ``{field: column}``."""
+    columns: dict[str, str] = {}
+    for spec in specs:
+        field_name, sep, column = spec.partition("=")
+        field_name, column = field_name.strip(), column.strip()
+        if not sep or not field_name or not column:
+            raise InputError(f"--column {spec!r}: expected FIELD=COLUMN, e.g. caption=text")
+        if field_name in columns:
+            raise InputError(
+                f"--column {field_name} given twice ({field_name}={columns[field_name]} and {spec})"
+            )
+        columns[field_name] = column
+    return columns
+
+
+def column_problems(columns: dict[str, str]) -> list[str]:
+    """What is wrong with a ``{field: column}`` mapping on its own, before any input is read."""
+    problems = []
+    for field_name, column in columns.items():
+        if field_name not in FIELDS:
+            problems.append(
+                f"--column {field_name}={column}: unknown field {field_name!r}; fields: {', '.join(FIELDS)}"
+            )
+    by_column: dict[str, list[str]] = {}
+    for field_name, column in columns.items():
+        by_column.setdefault(column, []).append(field_name)
+    for column, fields in by_column.items():
+        if len(fields) > 1:
+            problems.append(
+                f"--column: column {column!r} is given for more than one field: {', '.join(fields)}"
+            )
+    return problems
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each field lives in one input, and which columns its samples' ``.json`` carries."""
+
+    fields: dict[str, str]
+    """Field -> the column holding it, for the fields this input has."""
+    json_columns: list[str]
+    """Source columns carried into ``.json`` (every non-media one), in file order ..."""
+    json_names: list[str]
+    """... and their names there: a column mapped with ``--column`` takes its field's name."""
+
+    def column(self, field_name: str) -> str | None:
+        return self.fields.get(field_name)
+
+
+def resolve_layout(item: ParquetInput, columns: dict[str, str]) -> Layout:
+    """Apply the ``--column`` mapping to one input; canonical names fill the fields not mapped."""
+    names = item.schema.names
+    claimed = {column: field_name for field_name, column in columns.items()}
+    fields: dict[str, str] = {}
+    for field_name in FIELDS:
+        if field_name in columns:
+            if columns[field_name] not in names:
+                raise InputError(
+                    f"{item.url}: --column {field_name}={columns[field_name]}: no column named "
+                    f"{columns[field_name]!r}; found: {', '.join(names)}"
+                )
+            fields[field_name] = columns[field_name]
+        elif field_name in names and field_name not in claimed:
+            fields[field_name] = field_name
+    media = {fields[name] for name in MEDIA_COLUMNS if name in fields}
+    json_columns, json_names = [], []
+    for schema_field in item.schema:
+        name = schema_field.name
+        if is_binary(schema_field) or name in media:
+            continue
+        if name in claimed:
+            json_columns.append(name)
+            json_names.append(claimed[name])
+        elif name not in columns:  # a column named like a field mapped elsewhere is replaced by it
+            json_columns.append(name)
+            json_names.append(name)
+    return Layout(fields, json_columns, json_names)
+
+
+def _described(layout: Layout, field_name: str) -> str:
+    column = layout.column(field_name)
+    return field_name if column in (None, field_name) else f"{column} ({field_name})"
+
+
+def detect_schema(
+    inputs: list[ParquetInput], requested: str | None, columns: dict[str, str] | None = None
+) -> tuple[str, list[Layout]]:
+    """The row schema (caption or qa), as requested or from the fields, and each input's layout."""
     schema = requested
+    layouts = []
     for item in inputs:
-        names = set(item.schema.names)
+        layout = resolve_layout(item, columns or {})
+        present = set(layout.fields)
         if schema is None:
-            has_qa = {"question", "answer"} <= names
-            has_caption = "caption" in names
+            has_qa = {"question", "answer"} <= present
+            has_caption = "caption" in present
             if has_qa and has_caption:
                 raise InputError(
                     f"{item.url} has both caption and question/answer columns: pass --schema caption or qa"
@@ -129,22 +241,40 @@ def detect_schema(inputs: list[ParquetInput], requested: str | None) -> str:
             if not (has_qa or has_caption):
                 raise InputError(
                     f"{item.url}: cannot tell the schema: need a 'caption' column (caption schema) or "
-                    f"'question' and 'answer' (qa schema); found: {', '.join(item.schema.names)}"
+                    f"'question' and 'answer' (qa schema), or --column to name them; "
+                    f"found: {', '.join(item.schema.names)}"
                 )
             schema = "qa" if has_qa else "caption"
         assert schema in SCHEMAS
-        missing = [name for name in TEXT_COLUMNS[schema] if name not in names]
-        if not any(name in names for name in MEDIA_COLUMNS):
-            missing.append(f"{IMAGE_COLUMN} (or {AUDIO_COLUMN})")
+        missing = [name for name in TEXT_COLUMNS[schema] if name not in present]
+        if not any(name in present for name in (*MEDIA_COLUMNS, URL_COLUMN)):
+            missing.append(f"{IMAGE_COLUMN} (or {AUDIO_COLUMN}, or {URL_COLUMN})")
         if missing:
             raise InputError(
                 f"{item.url}: missing required column(s) for the {schema} schema: {', '.join(missing)}; "
                 f"found: {', '.join(item.schema.names)}"
             )
         for name in MEDIA_COLUMNS:
-            if name in names and not is_binary(item.schema.field(name)):
+            column = layout.column(name)
+            if column is None:
+                continue
+            found = item.schema.field(column)
+            if pa.types.is_struct(found.type) and not is_media_struct(found):
                 raise InputError(
-                    f"{item.url}: column {name} must be binary, found {item.schema.field(name).type}"
+                    f"{item.url}: column {_described(layout, name)} is a struct without a binary 'bytes' "
+                    f"field ({found.type}); media must be binary or struct<bytes: binary, path: string>"
                 )
+            if not (is_binary(found) or is_media_struct(found)):
+                raise InputError(
+                    f"{item.url}: column {_described(layout, name)} must be binary, found {found.type}"
+                )
+        for name in (URL_COLUMN, SHA256_COLUMN):
+            column = layout.column(name)
+            if column is not None and not _is_text(item.schema.field(column)):
+                raise InputError(
+                    f"{item.url}: column {_described(layout, name)} must be text, "
+                    f"found {item.schema.field(column).type}"
+                )
+        layouts.append(layout)
     assert schema is not None
-    return schema
+    return schema, layouts
