@@ -26,12 +26,12 @@ def s3_env(s3_server: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> Iterator[Se
     """The AWS environment pointing at the loopback server, for this process and its children."""
     for name, value in s3_server.environment().items():
         monkeypatch.setenv(name, value)
-    _clear_filesystem_caches()
+    clear_filesystem_caches()
     yield s3_server
-    _clear_filesystem_caches()
+    clear_filesystem_caches()
 
 
-def _clear_filesystem_caches() -> None:
+def clear_filesystem_caches() -> None:
     """Forget cached filesystem instances (each fsspec class keeps its own instance cache)."""
     import s3fs
 
@@ -64,6 +64,6 @@ def refused_endpoint(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unreachable-test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "unreachable-test-secret")
-    _clear_filesystem_caches()
+    clear_filesystem_caches()
     yield endpoint
-    _clear_filesystem_caches()
+    clear_filesystem_caches()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -12,6 +13,23 @@ from pathlib import Path
 
 ACCESS_KEY = "streamtrain-test"
 SECRET_KEY = "streamtrain-test-secret"
+READER_KEY = "streamtrain-reader"
+"""An identity that may only read and list: for data in a read-only location."""
+READER_SECRET = "streamtrain-reader-secret"
+_IDENTITIES = {
+    "identities": [
+        {
+            "name": "admin",
+            "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        },
+        {
+            "name": "reader",
+            "credentials": [{"accessKey": READER_KEY, "secretKey": READER_SECRET}],
+            "actions": ["Read", "List"],
+        },
+    ]
+}
 
 
 def _port_free(port: int) -> bool:
@@ -48,7 +66,10 @@ class SeaweedS3:
 
     def start(self, timeout: float = 30.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        identities = self.data_dir / "s3-identities.json"
+        identities.write_text(json.dumps(_IDENTITIES))
         args = [self.weed, "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+        args.append(f"-s3.config={identities}")
         args += [f"-{name}.port={port}" for name, port in self.ports.items()]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
@@ -89,10 +110,11 @@ class SeaweedS3:
         self.stop()
         self.start()
 
-    def environment(self) -> dict[str, str]:
+    def environment(self, read_only: bool = False) -> dict[str, str]:
+        """The AWS variables of the admin identity, or of one that may only read and list."""
         return {
             "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ACCESS_KEY_ID": READER_KEY if read_only else ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": READER_SECRET if read_only else SECRET_KEY,
             "AWS_DEFAULT_REGION": "us-east-1",
         }

@@ -15,7 +15,9 @@ import webdataset
 
 from shardify.cli import main
 from shardify.index import IndexOptions, index
+from shardify.sources import InputError
 from tests import factories
+from tests.conftest import clear_filesystem_caches
 from tests.shardify.helpers import read_manifest
 
 
@@ -150,7 +152,9 @@ def test_output_elsewhere_names_the_shards_location(tmp_path: Path) -> None:
 
 
 @pytest.mark.s3
-def test_s3_prefix_indexed_into_output_with_ranged_reads(s3_bucket: str, s3_env, tmp_path: Path) -> None:
+def test_s3_prefix_indexed_into_output_with_ranged_reads(
+    s3_bucket: str, s3_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_env.endpoint}, skip_instance_cache=True)
     local = tmp_path / "local"
     factories.webdataset_shards(local, samples=15, per_shard=10)
@@ -161,6 +165,12 @@ def test_s3_prefix_indexed_into_output_with_ranged_reads(s3_bucket: str, s3_env,
     for path in sorted(local.glob("*.tar")):
         fs.put_file(str(path), f"{s3_bucket}/public/{path.name}")
     listed = sorted(fs.ls(f"{s3_bucket}/public", refresh=True))
+    # From here on the prefix is read-only: credentials that may only read and list.
+    for name, value in s3_env.environment(read_only=True).items():
+        monkeypatch.setenv(name, value)
+    clear_filesystem_caches()
+    with pytest.raises(InputError, match="pass --output DIR"):
+        index([f"s3://{s3_bucket}/public/"], IndexOptions())
     result = index([f"s3://{s3_bucket}/public/"], IndexOptions(output=str(tmp_path / "out")))
     assert sorted(fs.ls(f"{s3_bucket}/public", refresh=True)) == listed  # nothing written there
     manifest = read_manifest(tmp_path / "out")

@@ -60,7 +60,11 @@ def test_s3_round_trip_matches_local_conversion(s3_bucket: str, s3_env, tmp_path
     assert (
         sorted(remote_files)
         == sorted(local_files)
-        == ["manifest.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar", "skipped.jsonl"]
+        == [
+            "manifest.json",
+            *[f"shard-00000{i}.tar{suffix}" for i in range(3) for suffix in ("", ".crc32.json")],
+            "skipped.jsonl",
+        ]
     )
     for name in local_files:
         if name.endswith(".tar"):
