@@ -308,12 +308,19 @@ def index(
     try:
         if on_plan is not None:
             on_plan(len(shards))
+        done = _ScanCache(output, options)
         pool = ThreadPoolExecutor(max(1, options.workers), thread_name_prefix="index")
         try:
-            futures = [pool.submit(scan_shard, url, size, options) for url, size in shards]
+            futures = [
+                done.get(url, size) or pool.submit(scan_shard, url, size, options) for url, size in shards
+            ]
             scans = []
             for future in futures:
-                scans.append(future.result())
+                if isinstance(future, ShardScan):  # scanned by an interrupted run
+                    scans.append(future)
+                else:
+                    scans.append(future.result())
+                    done.put(scans[-1])
                 if on_shard is not None:
                     on_shard(scans[-1])
         finally:  # on Ctrl-C: no queued shard starts
@@ -336,6 +343,7 @@ def index(
                 f"cannot write {MANIFEST_NAME} to {destination}: {exc}; pass --output DIR for shards "
                 "in a read-only location"
             ) from None
+        done.clear()
     finally:
         output.close()
         if not output.remote:  # the scratch folder of the atomic write, unless something else uses it
@@ -343,6 +351,44 @@ def index(
                 os.rmdir(output.path(WORK_DIR))
     url = join(destination, MANIFEST_NAME)
     return IndexResult(manifest, url, scans, time.monotonic() - started)
+
+
+class _ScanCache:
+    """Shard scans already done, under ``.shardify/index/`` of the destination: an interrupted
+    run started again scans only the shards it had not finished (same shard, size and options)."""
+
+    def __init__(self, output: Output, options: IndexOptions) -> None:
+        self.output = output
+        self.folder = f"{WORK_DIR}/index"
+        self.options = json.dumps([options.check, options.max_image_pixels])
+        self.writable = True
+
+    def _name(self, url: str, size: int) -> str:
+        digest = hashlib.sha256(json.dumps([url, size, self.options]).encode()).hexdigest()[:24]
+        return f"{self.folder}/{digest}.json"
+
+    def get(self, url: str, size: int) -> ShardScan | None:
+        text = self.output.read_text(self._name(url, size))
+        if text is None:
+            return None
+        raw = json.loads(text)
+        counters = {name: Counter(raw[name]) for name in ("media", "members", "schema_votes")}
+        return ShardScan(**{**raw, **counters, "read": ReadStats()})
+
+    def put(self, scan: ShardScan) -> None:
+        if not self.writable:
+            return
+        raw = {name: value for name, value in vars(scan).items() if name != "read"}
+        try:
+            if not self.output.remote:
+                os.makedirs(self.output.path(self.folder), exist_ok=True)
+            self.output.write_text(self._name(scan.url, scan.size), json.dumps(raw))
+        except OSError:  # a read-only destination: the manifest write will say so
+            self.writable = False
+
+    def clear(self) -> None:
+        if self.writable:
+            self.output.remove([self.folder])
 
 
 def _open_destination(destination: str) -> Output:

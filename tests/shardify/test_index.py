@@ -180,3 +180,39 @@ def test_s3_prefix_indexed_into_output_with_ranged_reads(
     # Seeks are range requests: 1 MB per header (the store's cost of one request), not the 12 MB.
     assert large.read.bytes_read <= 4 * (1 << 20) + 65536 < large.size // 2
     assert large.read.bytes_skipped > 8 * (1 << 20)
+
+
+def test_an_interrupted_index_scans_only_what_it_had_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from shardify import index as indexing
+
+    factories.webdataset_shards(tmp_path / "shards", samples=60, per_shard=10)
+    scanned: list[str] = []
+    real_scan = indexing.scan_shard
+
+    def counting_scan(url: str, size: int, options: IndexOptions):
+        scanned.append(url)
+        return real_scan(url, size, options)
+
+    monkeypatch.setattr(indexing, "scan_shard", counting_scan)
+
+    def interrupt_after_three(scan) -> None:
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        seen.append(scan.url)
+
+    seen: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        index([str(tmp_path / "shards")], IndexOptions(workers=1), on_shard=interrupt_after_three)
+    assert not (tmp_path / "shards" / "manifest.json").exists()
+    first_run = list(scanned)
+    scanned.clear()
+    result = index([str(tmp_path / "shards")], IndexOptions(workers=1))
+    assert len(result.scans) == 6 and result.manifest.samples_written == 60
+    assert not set(scanned) & set(first_run[:3])  # the three finished scans were not redone
+    assert not (tmp_path / "shards" / ".shardify").exists()
+    reference = tmp_path / "reference"
+    shutil.copytree(tmp_path / "shards", reference, ignore=shutil.ignore_patterns("manifest.json"))
+    index([str(reference)], IndexOptions(workers=2))
+    assert read_manifest(reference)["shards"] == read_manifest(tmp_path / "shards")["shards"]
