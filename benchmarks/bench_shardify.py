@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -123,25 +124,18 @@ def child_check(source: str, limit: int) -> dict:
 
 
 def child_convert(source: str, workers: int, scratch: str) -> dict:
-    out = tempfile.mkdtemp(dir=scratch, prefix="shards-")
-    started, cpu = time.perf_counter(), time.process_time()
-    result = convert([source], ConvertOptions(output=out, workers=workers, max_samples_per_shard=500))
-    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
-    shutil.rmtree(out)
-    return {
-        "rows": result.rows_this_run,
-        "seconds": seconds,
-        "cpu_seconds": cpu,
-        "media_bytes": result.media_bytes_this_run,
-        "written": result.manifest.samples_written,
-    }
+    return timed_convert(source, scratch, "shards-", workers=workers)
 
 
 def child_fetch(source: str, fetch_workers: int, scratch: str) -> dict:
-    out = tempfile.mkdtemp(dir=scratch, prefix="fetched-")
-    options = ConvertOptions(output=out, max_samples_per_shard=500, fetch=FetchOptions(workers=fetch_workers))
+    return timed_convert(source, scratch, "fetched-", fetch=FetchOptions(workers=fetch_workers))
+
+
+def timed_convert(source: str, scratch: str, prefix: str, **options: Any) -> dict:
+    """One conversion of ``source`` into a scratch output (removed after), timed."""
+    out = tempfile.mkdtemp(dir=scratch, prefix=prefix)
     started, cpu = time.perf_counter(), time.process_time()
-    result = convert([source], options)
+    result = convert([source], ConvertOptions(output=out, max_samples_per_shard=500, **options))
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     shutil.rmtree(out)
     return {
