@@ -189,7 +189,11 @@ def encode_for_device(data: bytes, transform: ImageTransform) -> Encoded:
         if orientation in _TRANSPOSED:
             width, height = height, width
         augment = transform.draw(height, width)
-        payload = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
+        with warnings.catch_warnings():
+            # A view of the bytes, not a copy (gathering a worker's step copies it once, into
+            # shared memory); torch warns that bytes are read-only, and nothing writes to it.
+            warnings.simplefilter("ignore", UserWarning)
+            payload = torch.frombuffer(data, dtype=torch.uint8)
         return Encoded(payload, _params(KIND_JPEG, orientation, augment))
     image = decode_image(data, transform.size)
     augment = transform.draw(image.height, image.width)
