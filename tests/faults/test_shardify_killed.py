@@ -37,7 +37,7 @@ from tests.shardify.helpers import (
 SCENARIO = "1. shardify killed (SIGKILL)"
 ROWS = 1200
 SHARD_SAMPLES = 60
-FINAL_NAMES = re.compile(r"^(shard-\d{6}\.tar|manifest\.json|skipped\.jsonl|\.shardify)$")
+FINAL_NAMES = re.compile(r"^(shard-\d{6}\.tar(\.crc32\.json)?|manifest\.json|skipped\.jsonl|\.shardify)$")
 TEMP_NAMES = re.compile(r"\.(partial|writing)$")
 
 
@@ -77,8 +77,10 @@ def _check_visible(out: Path, reference: dict[str, bytes]) -> int:
     stray = [n for n in names if not FINAL_NAMES.match(n)]
     assert not stray, f"files under non-final names are visible in {out}: {stray}"
     for name in names:
-        if name.endswith(".tar") or name in ("manifest.json", "skipped.jsonl"):
+        if name.endswith((".tar", ".crc32.json")) or name in ("manifest.json", "skipped.jsonl"):
             assert (out / name).read_bytes() == reference[name], f"{name} differs from a clean conversion"
+    for shard in out.glob("*.tar"):  # a visible shard always has its checksums (published first)
+        assert (out / f"{shard.name}.crc32.json").is_file(), f"{shard.name} is visible without its checksums"
     if (out / "manifest.json").exists():  # finished before the kill: everything must be there
         listed = [entry["name"] for entry in read_manifest(out)["shards"]]
         assert sorted(listed) == sorted(p.name for p in out.glob("*.tar"))
