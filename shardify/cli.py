@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=fetch_defaults.retries,
         metavar="N",
-        help="retries, with exponential backoff, after a 5xx status, a timeout or a dropped "
-        "connection; 4xx statuses are not retried (default: %(default)s)",
+        help="retries, with exponential backoff, after a 5xx or 429 status, a timeout or a dropped "
+        "connection; other 4xx statuses are not retried (default: %(default)s)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace whatever conversion OUT already holds")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, one summary line")

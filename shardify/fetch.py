@@ -3,7 +3,8 @@
 Each fetch either returns the bytes or a skip reason of its own (``http_404``, ``http_403``,
 ``http_error``, ``timeout``, ``connection_error``, ``sha256_mismatch``, ``bad_url``,
 ``too_large``); the bytes are then checked like any other image. Server errors (5xx), timeouts
-and dropped connections are retried with exponential backoff; other 4xx statuses are not.
+and dropped connections are retried with exponential backoff, as is 429 (a rate limit); other
+4xx statuses are not.
 Only the standard library is used.
 """
 
@@ -148,7 +149,7 @@ class Fetcher:
             exc.close()
             if exc.code in (403, 404):
                 raise _Failure(f"http_{exc.code}", f"HTTP {exc.code}", retry=False) from None
-            if exc.code >= 500:
+            if exc.code >= 500 or exc.code == 429:  # server trouble, or a rate limit: wait and retry
                 raise _Failure("http_error", f"HTTP {exc.code}", retry=True) from None
             raise _Failure("http_error", f"HTTP {exc.code}", retry=False) from None
         except urllib.error.URLError as exc:

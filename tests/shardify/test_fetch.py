@@ -76,6 +76,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._send(int(kind), "text/plain", b"no")
         elif kind == "flaky":  # a 500 first, then the image
             self._send(500, "text/plain", b"busy") if seen == 1 else self._send(200, "image/jpeg", image(7))
+        elif kind == "limited":  # a 429 (rate limit) first, then the image
+            if seen == 1:
+                self._send(429, "text/plain", b"slow down")
+            else:
+                self._send(200, "image/jpeg", image(9))
         elif kind == "slow":
             time.sleep(SLOW_RESPONSE_S)
             self._send(200, "image/jpeg", image(8))
@@ -160,6 +165,7 @@ def test_each_failure_is_a_skip_with_its_reason(
         "html": "/html/a",
         "reset": "/reset/a",
         "good_last": "/img/4.jpg",
+        "rate_limited": "/limited/a",
     }
     rows = _url_rows(server, list(paths.values()))
     names = list(paths)
@@ -192,11 +198,11 @@ def test_each_failure_is_a_skip_with_its_reason(
     assert server.url("/404/a") in skipped["not_found"]["detail"]
     assert "HTTP 500 (3 attempts)" in skipped["always_500"]["detail"]
     manifest = read_manifest(tmp_path / "out")
-    assert manifest["rows_read"] == 13 and manifest["samples_written"] == 4
+    assert manifest["rows_read"] == 14 and manifest["samples_written"] == 5
     assert manifest["skipped_by_reason"] == dict(
         sorted(Counter(r["reason"] for r in skipped.values()).items())
     )
-    # 4xx are not retried; 5xx, timeouts and resets are, up to --fetch-retries more times.
+    # 4xx but 429 are not retried; 429, 5xx, timeouts and resets are, up to --fetch-retries more times.
     assert requests == {
         "/img/1.jpg": 1,
         "/404/a": 1,
@@ -210,9 +216,10 @@ def test_each_failure_is_a_skip_with_its_reason(
         "/html/a": 1,
         "/reset/a": 3,
         "/img/4.jpg": 1,
+        "/limited/a": 2,
     }
     samples = {json.loads(s["json"])["sample_id"]: s for s in read_samples(tmp_path / "out")}
-    assert list(samples) == ["img-000", "img-005", "img-008", "img-011"]
+    assert list(samples) == ["img-000", "img-005", "img-008", "img-011", "img-012"]
     assert samples["img-005"]["jpg"] == image(7)  # the 500-then-ok row, converted after one retry
     assert connections.addresses and {address[0] for address in connections.addresses} == {"127.0.0.1"}
 
