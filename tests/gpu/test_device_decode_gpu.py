@@ -8,6 +8,7 @@ Figures are printed and, when $OUT is set, written to $OUT/gpu_device_decode.jso
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -109,6 +110,8 @@ def test_batched_decode_rate_on_the_gpu() -> None:
             images += finished["image"].shape[0]
     torch.cuda.synchronize()
     rate = images / (time.perf_counter() - started)
+    assert images == 5 * 4 * 256 and finished["image"].is_cuda
+    assert finished["image"].shape == (256, 3, 224, 224) and torch.isfinite(finished["image"]).all()
     RESULTS["gpu_decode_images_per_s"] = rate
     print(f"batched GPU decode + augment: {rate:,.0f} images/s (goal >= 8,000)")
     _write()
@@ -165,8 +168,12 @@ def test_data_wait_of_a_short_alignment_run(setup, photos: Path, tmp_path: Path)
             "checkpoint.every_steps": 0,
         }
         config = load_config(RECIPE, overrides(setup, tmp_path / mode, **extra), model_types())
-        Trainer(config, TASKS["alignment"](config)).fit()
+        trainer = Trainer(config, TASKS["alignment"](config))
+        trainer.fit()
+        assert (trainer.decode_on is not None) == (mode == "cuda")
         rows = [m for m in read_metrics(tmp_path / mode) if "train/data_wait_fraction" in m]
+        assert [m["step"] for m in rows] == list(range(1, 41))
+        assert all(math.isfinite(m["train/loss"]) for m in rows) and rows[-1]["data/samples"] > 0
         waits[mode] = sum(m["train/data_wait_fraction"] for m in rows[5:]) / max(1, len(rows[5:]))
     RESULTS["alignment_data_wait_fraction"] = waits
     print(f"alignment data wait (fraction of step time, after warm-up): {waits} (goal for cuda < 0.02)")
