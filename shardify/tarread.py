@@ -157,8 +157,7 @@ def _read_samples(
             payload = sample[extension] = _read_exact(stream, size, url, ahead=fetch is None)
             stream.skip(padded - size)
             expected = checksums.get(base) if checksums is not None else None
-            if expected is not None and zlib.crc32(payload) != expected:
-                got = zlib.crc32(payload)
+            if expected is not None and (got := zlib.crc32(payload)) != expected:
                 sample["__checksum_error__"] = f"member {base}: crc32 {got:08x}, recorded {expected:08x}"
     finally:  # also when the caller stops early or drops the generator
         stream.close()

@@ -48,23 +48,25 @@ class EncodedImages:
         could read are left out (None when none is left); ``fallbacks``: JPEGs that the device
         refused and the CPU decoded."""
         device = torch.device(device)
-        kinds = self.params[:, 0].tolist()
+        rows = self.params.tolist()  # one conversion for the batch, not a tensor index per value
+        kinds = [int(row[0]) for row in rows]
+        augments = [Augment.from_values(row[2:]) for row in rows]
         jpeg_rows = [row for row, kind in enumerate(kinds) if kind == KIND_JPEG]
         decoded, fallbacks = _decode_jpegs([self.data[row] for row in jpeg_rows], device)
         crops: list[torch.Tensor | None] = [None] * len(self)
         for row, (pixels, upright) in zip(jpeg_rows, decoded, strict=True):
             if pixels is not None:
-                orientation = 1 if upright else int(self.params[row, 1])
-                crops[row] = _geometry(pixels, orientation, Augment.from_tensor(self.params[row, 2:]))
+                orientation = 1 if upright else int(rows[row][1])
+                crops[row] = _geometry(pixels, orientation, augments[row])
         for row, kind in enumerate(kinds):
             if kind != KIND_JPEG:
-                size = int(self.params[row, 6])
+                size = augments[row].size
                 crops[row] = self.data[row].view(3, size, size).to(device, non_blocking=True)
         kept = [row for row, crop in enumerate(crops) if crop is not None]
         if not kept:
             return None, [], fallbacks
         batch = torch.stack([crops[row] for row in kept]).to(torch.float32).div_(255.0)
-        batch = _jitter(batch, self.params[kept, 2:])
+        batch = _jitter(batch, [augments[row] for row in kept])
         mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
         return batch.sub_(mean).div_(std), kept, fallbacks
@@ -168,11 +170,10 @@ def _orient(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
 _GRAY = (0.2989, 0.587, 0.114)
 
 
-def _jitter(images: torch.Tensor, augments: torch.Tensor) -> torch.Tensor:
+def _jitter(images: torch.Tensor, rows: list[Augment]) -> torch.Tensor:
     """Colour jitter of a float [B, 3, H, W] batch in [0, 1], each image with its own operation
     order and factors (torchvision's float kernels, batched): at each of the order's places, an
     image whose operation there is not ``op`` gets factor 1, which leaves it unchanged."""
-    rows = [Augment.from_tensor(row) for row in augments]
     places = max((len(a.order) for a in rows), default=0)
     for place in range(places):
         for op in range(3):

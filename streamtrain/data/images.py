@@ -60,8 +60,8 @@ class Augment:
         return torch.tensor(values, dtype=torch.float64)
 
     @classmethod
-    def from_tensor(cls, row: torch.Tensor) -> Augment:
-        v = row.tolist()
+    def from_values(cls, v: list[float]) -> Augment:
+        """From the values of ``to_tensor()``."""
         ints = [int(x) for x in v[:10]]
         return cls(
             resized=(ints[0], ints[1]),
