@@ -43,7 +43,8 @@ import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from shardify.checks import check_image  # noqa: E402
-from shardify.convert import ConvertOptions, check_media, convert  # noqa: E402
+from shardify.convert import ConvertOptions, convert
+from shardify.rows import check_media  # noqa: E402
 from shardify.fetch import FetchOptions  # noqa: E402
 
 DISTINCT_IMAGES = 96

@@ -12,9 +12,10 @@ from typing import TextIO
 from tqdm import tqdm
 
 from shardify.checks import DEFAULT_MAX_IMAGE_PIXELS
-from shardify.convert import ConvertOptions, ConvertResult, convert, default_workers
+from shardify.convert import ConvertOptions, ConvertResult, UnitsFailedError, convert, default_workers
 from shardify.fetch import FetchOptions
 from shardify.index import BadShardsError, IndexOptions, IndexResult, ShardScan, index
+from shardify.options import DEFAULT_UNIT_BYTES, ENGINES
 from shardify.sources import FIELDS, InputError, parse_column_specs
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
@@ -22,6 +23,7 @@ _SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
 EXIT_USER_ERROR = 2
 EXIT_FAILURE = 1
+_FAILURES_LISTED = 20
 
 DESCRIPTION = """\
 Convert Pixmo-style parquet rows into validated WebDataset tar shards.
@@ -36,8 +38,13 @@ image downloaded, verified and checked; failed downloads are skipped with their 
 Columns named otherwise are mapped with --column FIELD=COLUMN.
 Every image and clip is decoded at conversion time; rows that fail are skipped and logged
 in OUT/skipped.jsonl. OUT/manifest.json, written last, lists each shard's exact sample count.
-A run that is interrupted resumes where it stopped when started again with the same arguments.
-S3 uses the standard AWS environment; set AWS_ENDPOINT_URL for S3-compatible stores."""
+The inputs are cut into units of work (--unit-size of parquet, whole row groups); each unit
+becomes its own shards, PREFIX-UNIT-PART.tar, so the output is the same whatever the engine
+(--engine local: threads here; --engine ray: tasks on a Ray cluster), the worker count or
+the restarts. A run that is interrupted resumes where it stopped when started again with the
+same arguments; a unit that fails is reported and the others are kept.
+S3 uses the standard AWS environment; set AWS_ENDPOINT_URL for S3-compatible stores (Ray
+tasks get the driver's AWS_* settings)."""
 
 
 def parse_size(text: str) -> int:
@@ -94,6 +101,28 @@ def build_parser() -> argparse.ArgumentParser:
         default=default_workers(),
         metavar="N",
         help="threads decoding images in parallel (default: CPU count, %(default)s here)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local: units one after another in this process; ray: one Ray task per unit, on the "
+        "cluster of --ray-address (default: %(default)s)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="with --engine ray: the cluster to join, HOST:PORT of its head (default: $RAY_ADDRESS; "
+        "without either, a Ray with --workers CPUs is started here)",
+    )
+    p.add_argument(
+        "--unit-size",
+        type=parse_size,
+        default=DEFAULT_UNIT_BYTES,
+        metavar="SIZE",
+        help="parquet bytes per unit of work, about a minute on one core for photos; each unit "
+        "makes its own shards (default: 2GiB)",
     )
     p.add_argument(
         "--prefix",
@@ -235,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             fetch=FetchOptions(args.fetch_workers, args.fetch_timeout, args.fetch_retries),
             overwrite=args.overwrite,
+            unit_bytes=args.unit_size,
+            engine=args.engine,
+            ray_address=args.ray_address,
         )
         result = convert(args.inputs, options, on_rows=progress.rows, on_plan=progress.plan)
     except InputError as exc:
@@ -243,6 +275,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nshardify: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except UnitsFailedError as exc:
+        progress.close()
+        print(f"shardify: {len(exc.failures)} of {exc.units} units failed:", file=sys.stderr)
+        for failure in exc.failures[:_FAILURES_LISTED]:
+            print(f"  {failure.describe()}", file=sys.stderr)
+        if len(exc.failures) > _FAILURES_LISTED:
+            print(f"  ... and {len(exc.failures) - _FAILURES_LISTED} more", file=sys.stderr)
+        print(
+            "shardify: every other unit is converted and kept; run the same command again to redo "
+            "only what is missing",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"shardify: failed: {exc}", file=sys.stderr)
         print("shardify: completed shards are kept; run the same command again to resume", file=sys.stderr)
@@ -284,6 +329,7 @@ class _ProgressBar:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def print_summary(result: ConvertResult, output: str, out: TextIO, brief: bool = False) -> None:

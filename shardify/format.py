@@ -24,7 +24,10 @@ SKIPPED_NAME = "skipped.jsonl"
 CHECKSUMS_SUFFIX = ".crc32.json"
 """``shard-000000.tar.crc32.json``, beside the manifest: the CRC-32 of every member of that shard."""
 CHECKSUM_ALGORITHM = "crc32"
-MANIFEST_FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 2
+"""2: each unit of work has its own run of shards ({prefix}-{unit:06d}-{part:06d}.tar); 1 (still
+read): one run of shards across all inputs."""
+READABLE_FORMAT_VERSIONS = (1, 2)
 SCHEMAS = ("caption", "qa")
 
 # Why a fixed timestamp: shards are byte-identical whatever the worker count or restarts.
@@ -152,10 +155,10 @@ class Manifest:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{where}: not valid JSON ({exc})") from None
         version = raw.get("format_version")
-        if version != MANIFEST_FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
             raise ValueError(
                 f"{where}: manifest format_version {version!r} is not supported "
-                f"(this version reads {MANIFEST_FORMAT_VERSION})"
+                f"(this version reads {', '.join(map(str, READABLE_FORMAT_VERSIONS))})"
             )
         raw["shards"] = [ShardEntry(**entry) for entry in raw["shards"]]
         return cls(**raw)

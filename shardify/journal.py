@@ -1,11 +1,15 @@
-"""The ordered sequence of shards and the journal that makes a conversion restartable.
+"""Units of work, their shard sequences, and the journals that make a conversion restartable.
 
-Rows are consumed in one fixed order (inputs sorted, rows in file order) whatever the worker
-count, so the shards are a pure function of the inputs and options. Each time a shard fills up
-it is *committed*: its tar and the skipped rows seen since the last commit are published, then
-``.shardify/progress.json`` records the position of the next unconsumed row and every count.
-A restarted run resumes from that position and rewrites exactly what was not committed, so no
-sample is written twice or lost, and no partial shard is ever visible.
+The inputs are cut into units (whole row groups of one input, by size; see :func:`plan_units`)
+that depend only on the inputs and options. Each unit's rows are consumed in file order and
+become its own run of shards, ``{prefix}-{unit:06d}-{part:06d}.tar``, so the shards are a pure
+function of the inputs and options whatever the engine, the worker count or the restarts, and
+units convert independently on any machine. Each time a shard fills up it is *committed*: its
+checksums, its tar and the skipped rows seen since the last commit are published, then the
+unit's journal records the position of the next unconsumed row and every count. A unit that is
+started again resumes from that position and rewrites exactly what was not committed, so no
+sample is written twice or lost, and no partial shard is ever visible. A finished unit leaves a
+``done`` record, never rewritten, that the manifest is built from.
 """
 
 from __future__ import annotations
@@ -19,8 +23,79 @@ from shardify.format import CHECKSUMS_SUFFIX, ShardEntry, checksums_json, shard_
 from shardify.output import WORK_DIR, Output
 from shardify.tarwriter import TarShard, finished_size, sample_tar_bytes
 
-JOURNAL_VERSION = 1
+JOURNAL_VERSION = 2
 PROGRESS_NAME = f"{WORK_DIR}/progress.json"
+"""The single journal of a version-1 (sequential layout) conversion; its presence is reported."""
+JOB_NAME = f"{WORK_DIR}/job.json"
+"""Which conversion an unfinished output holds: its fingerprint and unit count."""
+UNITS_DIR = f"{WORK_DIR}/units"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Rows ``[start, end)`` of input ``source``: converted as one, into its own shards."""
+
+    index: int
+    source: int
+    start: int
+    end: int
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
+    @property
+    def tag(self) -> str:
+        return f"u{self.index:06d}"
+
+    @property
+    def journal(self) -> str:
+        return f"{UNITS_DIR}/{self.tag}.json"
+
+    @property
+    def done(self) -> str:
+        return f"{UNITS_DIR}/{self.tag}.done.json"
+
+    def shard(self, prefix: str, part: int) -> str:
+        return shard_name(f"{prefix}-{self.index:06d}", part)
+
+    def segment(self, number: int) -> str:
+        """Name (under the output) of the unit's ``number``-th committed run of skipped rows."""
+        return f"{UNITS_DIR}/{self.tag}-skipped-{number:06d}.jsonl"
+
+
+def plan_units(
+    row_group_rows: list[list[int]], row_group_bytes: list[list[int]], unit_bytes: int
+) -> list[Unit]:
+    """Cut every input (its row groups' row counts and sizes) into units of about ``unit_bytes``.
+
+    Whole row groups are taken while they fit; a row group larger than a unit is cut into equal
+    row ranges of about ``unit_bytes``. A unit never spans two inputs.
+    """
+    units: list[Unit] = []
+
+    def add(source: int, start: int, end: int) -> None:
+        if end > start:
+            units.append(Unit(len(units), source, start, end))
+
+    for source, (group_rows, group_bytes) in enumerate(zip(row_group_rows, row_group_bytes, strict=True)):
+        start = row = size = 0
+        for rows, nbytes in zip(group_rows, group_bytes, strict=True):
+            if nbytes > unit_bytes:
+                add(source, start, row)
+                pieces = min(rows, -(-nbytes // unit_bytes))
+                for k in range(pieces):
+                    add(source, row + rows * k // pieces, row + rows * (k + 1) // pieces)
+                row += rows
+                start, size = row, 0
+                continue
+            if size and size + nbytes > unit_bytes:
+                add(source, start, row)
+                start, size = row, 0
+            size += nbytes
+            row += rows
+        add(source, start, row)
+    return units
 
 
 @dataclass
@@ -63,10 +138,11 @@ class ShardSequence:
     """Appends samples and skipped rows in order, cutting shards at the configured limits."""
 
     def __init__(
-        self, output: Output, progress: Progress, prefix: str, max_samples: int, max_bytes: int
+        self, output: Output, progress: Progress, unit: Unit, prefix: str, max_samples: int, max_bytes: int
     ) -> None:
         self.output = output
         self.committed = progress
+        self.unit = unit
         self.prefix = prefix
         self.max_samples = max_samples
         self.max_bytes = max_bytes
@@ -81,7 +157,7 @@ class ShardSequence:
         self._publishing: Future[None] | None = None
 
     def _open_shard(self) -> TarShard:
-        name = shard_name(self.prefix, len(self.committed.shards)) + ".partial"
+        name = self.unit.shard(self.prefix, len(self.committed.shards)) + ".partial"
         self._shard = TarShard(self.output.scratch_path(name))
         return self._shard
 
@@ -103,7 +179,7 @@ class ShardSequence:
     def add_skip(self, record: dict) -> None:
         """Log one skipped row (``record`` has sample_id, source, row, reason, detail)."""
         if self._skip_handle is None:
-            name = f"skipped-{len(self.committed.skip_segments):06d}.jsonl.partial"
+            name = self.unit.segment(len(self.committed.skip_segments)).rsplit("/", 1)[-1] + ".partial"
             self._skip_handle = open(self.output.scratch_path(name), "w", encoding="utf-8")
         self._skip_handle.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._skips[record["reason"]] += 1
@@ -120,11 +196,11 @@ class ShardSequence:
         if self._skip_handle is not None:
             self._skip_handle.close()
             self._skip_handle = None
-            segment = f"skipped-{len(progress.skip_segments):06d}.jsonl"
-            files.append((segment + ".partial", f"{WORK_DIR}/{segment}"))
+            segment = self.unit.segment(len(progress.skip_segments))
+            files.append((segment.rsplit("/", 1)[-1] + ".partial", segment))
             progress.skip_segments.append(segment)
         if self._shard is not None:
-            name = shard_name(self.prefix, len(progress.shards))
+            name = self.unit.shard(self.prefix, len(progress.shards))
             size = self._shard.finish()
             # The checksums go first: a shard that is visible always has them.
             sums = name + CHECKSUMS_SUFFIX
@@ -148,7 +224,7 @@ class ShardSequence:
     def _publish(self, files: list[tuple[str, str]], journal: str) -> None:
         for scratch, final in files:
             self.output.publish(scratch, final)
-        self.output.write_text(PROGRESS_NAME, journal)
+        self.output.write_text(self.unit.journal, journal)
 
     def _wait_for_publisher(self) -> None:
         """Surface any error of the previous publish (a full disk, a failed upload) here."""
@@ -164,12 +240,12 @@ class ShardSequence:
             self._publisher.shutdown(wait=True)
 
 
-def write_skipped_log(output: Output, progress: Progress, name: str) -> None:
-    """Concatenate the committed skip segments, in order, into the final skipped log."""
+def write_skipped_log(output: Output, segments: list[str], name: str) -> None:
+    """Concatenate the committed skip segments (names under the output), in order, into the log."""
     scratch = name + ".writing"
     with open(output.scratch_path(scratch), "wb") as combined:
-        for segment in progress.skip_segments:
-            with output.fs.open(output.path(f"{WORK_DIR}/{segment}"), "rb") as part:
+        for segment in segments:
+            with output.fs.open(output.path(segment), "rb") as part:
                 while chunk := part.read(1 << 20):
                     combined.write(chunk)
     output.publish(scratch, name)

@@ -61,6 +61,8 @@ class Output:
             os.remove(local)
         else:
             _fsync(local)
+            if "/" in name:
+                os.makedirs(os.path.dirname(self.path(name)), exist_ok=True)
             os.replace(local, self.path(name))
 
     def write_text(self, name: str, text: str) -> None:

@@ -61,6 +61,8 @@ class ParquetInput:
     row_group_rows: list[int]
     schema: pa.Schema
     size: int
+    row_group_bytes: list[int]
+    """Compressed size of each row group: what reading it costs, roughly what checking it costs."""
 
     def open(self) -> pq.ParquetFile:
         # pre_buffer would read every requested row group up front: memory would grow with
@@ -70,17 +72,25 @@ class ParquetInput:
             return pq.ParquetFile(path, pre_buffer=False)
         return pq.ParquetFile(fs.open(path, "rb"), buffer_size=1 << 20, pre_buffer=False)
 
-    def iter_batches(self, start_row: int, batch_rows: int, columns: list[str]) -> Iterator[pa.RecordBatch]:
-        """Record batches from ``start_row`` on, reading only the row groups that hold them."""
-        first_group, skip = 0, start_row
+    def iter_batches(
+        self, start_row: int, end_row: int, batch_rows: int, columns: list[str]
+    ) -> Iterator[pa.RecordBatch]:
+        """Record batches of rows ``[start_row, end_row)``, reading only the row groups that hold them."""
+        first_group, skip, group_start = 0, start_row, 0
         while first_group < len(self.row_group_rows) and skip >= self.row_group_rows[first_group]:
             skip -= self.row_group_rows[first_group]
+            group_start += self.row_group_rows[first_group]
             first_group += 1
-        if first_group >= len(self.row_group_rows):
+        last_group, group_end = first_group, group_start
+        while last_group < len(self.row_group_rows) and group_end < end_row:
+            group_end += self.row_group_rows[last_group]
+            last_group += 1
+        if start_row >= end_row or first_group >= last_group:
             return
+        remaining = end_row - start_row
         parquet = self.open()
         try:
-            groups = list(range(first_group, len(self.row_group_rows)))
+            groups = list(range(first_group, last_group))
             for batch in parquet.iter_batches(batch_size=batch_rows, row_groups=groups, columns=columns):
                 if skip:
                     if skip >= batch.num_rows:
@@ -88,6 +98,10 @@ class ParquetInput:
                         continue
                     batch = batch.slice(skip)
                     skip = 0
+                if batch.num_rows >= remaining:
+                    yield batch.slice(0, remaining)
+                    return
+                remaining -= batch.num_rows
                 yield batch
         finally:
             parquet.close()
@@ -108,8 +122,12 @@ def open_inputs(urls: list[str]) -> list[ParquetInput]:
             raise InputError(f"cannot read input {url}: {exc}") from None
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
             raise InputError(f"input {url} is not a readable parquet file: {exc}") from None
-        row_groups = [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
-        inputs.append(ParquetInput(url, index, metadata.num_rows, row_groups, schema, size))
+        groups = [metadata.row_group(i) for i in range(metadata.num_row_groups)]
+        row_bytes = [
+            sum(group.column(c).total_compressed_size for c in range(group.num_columns)) for group in groups
+        ]
+        rows = [group.num_rows for group in groups]
+        inputs.append(ParquetInput(url, index, metadata.num_rows, rows, schema, size, row_bytes))
     return inputs
 
 

@@ -8,8 +8,13 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.raycluster import Namespace
 
 ACCESS_KEY = "streamtrain-test"
 SECRET_KEY = "streamtrain-test-secret"
@@ -53,7 +58,9 @@ def _free_port_pair(taken: set[int]) -> int:
 class SeaweedS3:
     """One ``weed mini`` process serving S3 on 127.0.0.1; ``restart()`` keeps its data."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, namespace: Namespace | None = None) -> None:
+        self.namespace = namespace
+        """Where to run the server (and probe it): a private network namespace, or here."""
         self.weed = shutil.which("weed") or str(Path(os.sys.executable).parent / "weed")
         self.data_dir = data_dir
         taken: set[int] = set()
@@ -72,9 +79,12 @@ class SeaweedS3:
         args.append(f"-s3.config={identities}")
         args += [f"-{name}.port={port}" for name, port in self.ports.items()]
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+            if self.namespace is not None:
+                self.process = self.namespace.popen(args, stdout=log, stderr=subprocess.STDOUT)
+            else:
+                self.process = subprocess.Popen(
+                    args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -88,6 +98,14 @@ class SeaweedS3:
         import urllib.error
         import urllib.request
 
+        if self.namespace is not None:
+            probe = (
+                "import urllib.error, urllib.request\n"
+                f"try: urllib.request.urlopen({self.endpoint!r}, timeout=1)\n"
+                "except urllib.error.HTTPError: pass"
+            )
+            return self.namespace.run([sys.executable, "-c", probe], timeout=30).returncode == 0
+
         try:
             urllib.request.urlopen(self.endpoint, timeout=1)
         except urllib.error.HTTPError:
@@ -97,6 +115,11 @@ class SeaweedS3:
         return True
 
     def stop(self) -> None:
+        if self.namespace is not None and self.process is not None:
+            from tests.raycluster import kill_session
+
+            kill_session(self.process.pid)
+            self.process.wait()
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:

@@ -1,0 +1,314 @@
+"""``--engine ray`` on a real Ray cluster: a head and a second node, separate processes on loopback.
+
+The cluster, the driver and (for S3) a SeaweedFS server run in a private network namespace
+(see tests/raycluster.py); the local-engine references run here. One cluster serves the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests import factories
+from tests.raycluster import Namespace, RayCluster, kill_session, namespaces_available
+from tests.s3server import SeaweedS3
+from tests.shardify.helpers import output_files
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not namespaces_available(), reason="needs unprivileged user+network namespaces"),
+]
+
+PER_SHARD = "40"
+
+
+@pytest.fixture(scope="module")
+def namespace() -> Iterator[Namespace]:
+    space = Namespace()
+    yield space
+    space.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(namespace: Namespace, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
+    ray_cluster = RayCluster(namespace, tmp_path_factory.mktemp("ray"))
+    try:
+        ray_cluster.start_head()
+        ray_cluster.add_worker()
+        yield ray_cluster
+    finally:
+        ray_cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 inputs x 2 units of 800x600 photos (a few corrupt): about a second per unit on one CPU."""
+    folder = tmp_path_factory.mktemp("ray-input")
+    distinct = [factories.jpeg(800, 600, seed=s) for s in range(24)]
+    for part in range(4):
+        rows = [
+            {
+                "sample_id": f"p{part}-{i}",
+                "caption": f"caption {part} {i}",
+                "image_bytes": b"<html>not an image</html>" if i % 37 == 3 else distinct[(part + i) % 24],
+            }
+            for i in range(240)
+        ]
+        factories.write_parquet(folder / f"part-{part}.parquet", rows, row_group_size=24)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def unit_size(inputs: Path) -> str:
+    """Parquet bytes of the largest first half of an input: every input is exactly 2 units."""
+    halves = []
+    for path in inputs.glob("*.parquet"):
+        metadata = pq.ParquetFile(path).metadata
+        sizes = [
+            sum(group.column(c).total_compressed_size for c in range(group.num_columns))
+            for group in (metadata.row_group(i) for i in range(metadata.num_row_groups))
+        ]
+        halves += [sum(sizes[:5]), sum(sizes[5:])]
+    return str(max(halves))
+
+
+def _command(source: str, out: str, unit_size: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "shardify",
+        "parquet-to-tar",
+        source,
+        "-o",
+        out,
+        "--unit-size",
+        unit_size,
+        "--max-samples-per-shard",
+        PER_SHARD,
+        "--quiet",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(inputs: Path, unit_size: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """The local engine's output (here, outside the namespace)."""
+    out = tmp_path_factory.mktemp("reference") / "out"
+    subprocess.run(_command(str(inputs), str(out), unit_size, "--workers", "2"), check=True, timeout=300)
+    units = json.loads((out / "manifest.json").read_text())
+    assert len({entry["name"].rsplit("-", 1)[0] for entry in units["shards"]}) == 8  # 8 units
+    return output_files(out)
+
+
+def _done_records(out: Path) -> list[Path]:
+    return sorted((out / ".shardify" / "units").glob("*.done.json"))
+
+
+def _wait_for(
+    condition, process: subprocess.Popen, what: str, timeout: float = 120, log: Path | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            said = log.read_text()[-3000:] if log else ""
+            raise AssertionError(f"the conversion ended (exit {process.returncode}) before {what}: {said}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def _running_unit_tasks(node: subprocess.Popen) -> int:
+    """Unit tasks running on one node (its raylet's forked workers carry the task's name)."""
+    count = 0
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == node.pid:
+                    count += b"_convert_unit_task" in Path(f"/proc/{entry}/cmdline").read_bytes()
+            except (OSError, ProcessLookupError):
+                continue
+    return count
+
+
+def _visible_shards_whole(out: Path) -> None:
+    for shard in out.glob("*.tar"):
+        with tarfile.open(shard) as archive:
+            archive.getmembers()  # raises on a cut archive
+        assert shard.with_name(shard.name + ".crc32.json").exists()
+
+
+def test_two_nodes_convert_identically_to_the_local_engine(
+    cluster: RayCluster,
+    namespace: Namespace,
+    inputs: Path,
+    unit_size: str,
+    reference: dict[str, bytes],
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "ray"
+    result = namespace.run(
+        _command(str(inputs), str(out), unit_size, "--engine", "ray", "--ray-address", cluster.address)
+    )
+    assert result.returncode == 0, result.stderr
+    assert output_files(out) == reference
+
+
+def test_a_killed_worker_node_is_survived(
+    cluster: RayCluster,
+    namespace: Namespace,
+    inputs: Path,
+    unit_size: str,
+    reference: dict[str, bytes],
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "ray"
+    worker = cluster.workers[0]
+    process = namespace.popen(
+        _command(str(inputs), str(out), unit_size, "--engine", "ray", "--ray-address", cluster.address),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for(lambda: _running_unit_tasks(worker) > 0, process, "a unit ran on the worker node")
+        _wait_for(lambda: len(_done_records(out)) >= 1, process, "a unit finished")
+        assert len(_done_records(out)) < 8, "the conversion finished before the node could be killed"
+        cluster.kill_worker(worker)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        kill_session(process.pid)
+        if not cluster.workers:
+            cluster.add_worker()
+    assert process.returncode == 0, stderr
+    assert output_files(out) == reference
+
+
+def test_a_sigkilled_driver_is_rerun_to_the_same_output_redoing_nothing_done(
+    cluster: RayCluster,
+    namespace: Namespace,
+    inputs: Path,
+    unit_size: str,
+    reference: dict[str, bytes],
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "ray"
+    command = _command(str(inputs), str(out), unit_size, "--engine", "ray", "--ray-address", cluster.address)
+    log = tmp_path / "driver.log"
+    with log.open("w") as handle:
+        process = namespace.popen(command, stderr=handle)
+    try:
+        _wait_for(lambda: len(_done_records(out)) >= 3, process, "three units finished", log=log)
+    finally:
+        kill_session(process.pid)  # the driver's whole process tree, SIGKILL
+    process.wait()
+    done = {record.name for record in _done_records(out)}
+    assert 3 <= len(done) < 8, "the conversion finished before the driver could be killed"
+    assert not (out / "manifest.json").exists()
+    _visible_shards_whole(out)
+    kept = {path.name: path.stat().st_mtime_ns for path in out.glob("*.tar")}
+    finished_units = {name.split(".")[0][1:] for name in done}
+    finished_shards = {name: mtime for name, mtime in kept.items() if name.split("-")[1] in finished_units}
+    assert finished_shards
+
+    time.sleep(0.05)  # mtimes would show a rewrite
+    rerun = namespace.run(command)
+    assert rerun.returncode == 0, rerun.stderr
+    assert output_files(out) == reference
+    for name, mtime in finished_shards.items():
+        assert (out / name).stat().st_mtime_ns == mtime, f"{name} of a finished unit was written again"
+
+
+def test_a_unit_that_keeps_failing_is_reported_and_the_rest_completes(
+    cluster: RayCluster,
+    namespace: Namespace,
+    inputs: Path,
+    unit_size: str,
+    reference: dict[str, bytes],
+    tmp_path: Path,
+) -> None:
+    source = tmp_path / "in"
+    source.mkdir()
+    for path in sorted(inputs.glob("*.parquet")):
+        (source / path.name).write_bytes(path.read_bytes())
+    broken = source / "part-2.parquet"
+    intact = broken.read_bytes()
+    damaged = bytearray(intact)
+    damaged[4 : len(damaged) // 3] = bytes(len(damaged) // 3 - 4)  # data pages of the first unit gone
+    broken.write_bytes(bytes(damaged))
+    out = tmp_path / "ray"
+    command = _command(str(source), str(out), unit_size, "--engine", "ray", "--ray-address", cluster.address)
+    failed = namespace.run(command)
+    assert failed.returncode == 1, failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert "1 of 8 units failed" in failed.stderr and f"{broken} rows 0-" in failed.stderr, failed.stderr
+    assert len(_done_records(out)) == 7 and not (out / "manifest.json").exists()
+
+    broken.write_bytes(intact)
+    finished = {path.name: path.stat().st_mtime_ns for path in out.glob("*.tar")}
+    rerun = namespace.run(command)
+    assert rerun.returncode == 0, rerun.stderr
+    for name, mtime in finished.items():
+        assert (out / name).stat().st_mtime_ns == mtime
+    files = output_files(out)
+    manifest = json.loads(files.pop("manifest.json"))
+    expected = dict(reference)
+    expected_manifest = json.loads(expected.pop("manifest.json"))
+    skipped = files.pop("skipped.jsonl").replace(str(source).encode(), str(inputs).encode())
+    assert skipped == expected.pop("skipped.jsonl")  # its rows name their input's path
+    assert files == expected
+    assert manifest["shards"] == expected_manifest["shards"]
+
+
+def test_s3_in_and_out_through_the_cluster(
+    cluster: RayCluster, namespace: Namespace, inputs: Path, unit_size: str, tmp_path: Path
+) -> None:
+    server = SeaweedS3(tmp_path / "seaweedfs", namespace=namespace)
+    server.start()
+    try:
+        env = server.environment()
+        copy = (
+            "import sys, s3fs\n"
+            "fs = s3fs.S3FileSystem()\n"
+            "fs.mkdir('ray-bucket')\n"
+            "fs.put(sys.argv[1] + '/', 'ray-bucket/in/', recursive=True)\n"
+        )
+        put = namespace.run([sys.executable, "-c", copy, str(inputs)], env=env)
+        assert put.returncode == 0, put.stderr
+        on_ray = namespace.run(
+            _command(
+                "s3://ray-bucket/in/",
+                "s3://ray-bucket/ray",
+                unit_size,
+                "--engine",
+                "ray",
+                "--ray-address",
+                cluster.address,
+            ),
+            env=env,
+        )
+        assert on_ray.returncode == 0, on_ray.stderr
+        here = namespace.run(
+            _command("s3://ray-bucket/in/", "s3://ray-bucket/local", unit_size, "--workers", "2"), env=env
+        )
+        assert here.returncode == 0, here.stderr
+        fetch = (
+            "import sys, s3fs\nfs = s3fs.S3FileSystem()\nfs.get(sys.argv[1], sys.argv[2], recursive=True)\n"
+        )
+        for name in ("ray", "local"):
+            got = namespace.run(
+                [sys.executable, "-c", fetch, f"ray-bucket/{name}/", str(tmp_path / name)], env=env
+            )
+            assert got.returncode == 0, got.stderr
+    finally:
+        server.stop()
+    ray_files, local_files = output_files(tmp_path / "ray"), output_files(tmp_path / "local")
+    assert len([name for name in ray_files if name.endswith(".tar")]) >= 8
+    assert ray_files == local_files
