@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix",
         default="shard",
         metavar="NAME",
-        help="shard file prefix: NAME-000000.tar, ... (default: %(default)s)",
+        help="shard file prefix: NAME-UNIT-PART.tar, e.g. NAME-000000-000000.tar (default: %(default)s)",
     )
     p.add_argument(
         "--max-image-pixels",
@@ -359,7 +359,7 @@ def print_summary(result: ConvertResult, output: str, out: TextIO, brief: bool =
     rows += [(f"  {reason}", count) for reason, count in m.skipped_by_reason.items()]
     width = max(len(label) for label, _ in rows)
     print(
-        f"\nshardify: {output}  (schema {m.schema}, {len(m.shards)} shards, "
+        f"\nshardify: {output}  (schema {m.schema}, {len(m.shards)} shards from {result.units:,} units, "
         f"{sum(s.bytes for s in m.shards) / 1e6:,.1f} MB)",
         file=out,
     )

@@ -47,6 +47,8 @@ class ConvertResult:
     elapsed_s: float
     units: int = 0
     """Units of work the inputs were cut into."""
+    engine_startup_s: float = 0.0
+    """Of ``elapsed_s``, the time the engine took to start (joining a Ray cluster, checking nodes)."""
 
 
 class UnitsFailedError(Exception):
@@ -65,45 +67,6 @@ def _fingerprint(inputs: list[ParquetInput], schema: str, options: ConvertOption
         "options": options.shaping(),
     }
     return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _our_files(output: Output, prefix: str) -> list[str]:
-    shard_pattern = re.compile(rf"^{re.escape(prefix)}-\d{{6}}\.tar({re.escape(CHECKSUMS_SUFFIX)})?$")
-    return [n for n in output.names() if shard_pattern.match(n) or n in (MANIFEST_NAME, SKIPPED_NAME)]
-
-
-def _prepare(output: Output, fingerprint: str, options: ConvertOptions) -> Progress | Manifest:
-    """The journal to resume from, or the finished manifest when there is nothing left to do."""
-    if options.overwrite:
-        output.remove([*_our_files(output, options.prefix), WORK_DIR])
-    manifest_text = output.read_text(MANIFEST_NAME)
-    if manifest_text is not None:
-        manifest = Manifest.from_json(manifest_text, output.path(MANIFEST_NAME))
-        if manifest.fingerprint != fingerprint:
-            raise InputError(
-                f"{output.url} already holds a finished conversion of other inputs or options; "
-                "pass --overwrite to replace it, or choose another --output"
-            )
-        output.remove([WORK_DIR])
-        return manifest
-    progress_text = output.read_text(PROGRESS_NAME)
-    if progress_text is not None:
-        progress = Progress.from_json(progress_text)
-        if progress.fingerprint != fingerprint:
-            raise InputError(
-                f"{output.url} holds an unfinished conversion of other inputs or options; "
-                "rerun that command to finish it, pass --overwrite to discard it, or choose another --output"
-            )
-        output.clear_scratch()
-        return progress
-    if _our_files(output, options.prefix):
-        raise InputError(
-            f"{output.url} already holds {options.prefix}-*.tar shards that no shardify run here is "
-            "tracking; pass --overwrite to replace them, or choose another --output"
-        )
-    progress = Progress(fingerprint=fingerprint)
-    output.write_text(PROGRESS_NAME, progress.to_json())
-    return progress
 
 
 def _our_files(output: Output, prefix: str) -> list[str]:
@@ -171,6 +134,10 @@ def convert(
     """
     started = time.perf_counter()
     options.validate()
+    if options.engine == "ray":
+        from shardify.ray_engine import preflight
+
+        preflight(options)
     inputs = open_inputs(expand_inputs(patterns))
     schema, layouts = detect_schema(inputs, options.schema, options.columns)
     fingerprint = _fingerprint(inputs, schema, options)
@@ -195,11 +162,12 @@ def convert(
             if unit.index not in finished
         ]
         if options.engine == "ray":
-            from shardify.ray_engine import run_on_ray
+            from shardify.ray_engine import run_on_ray  # imports Ray only when asked for
 
-            outcomes, failures = run_on_ray(jobs, options, committed, on_rows)
+            outcomes, failures, startup_s = run_on_ray(jobs, options, committed, on_rows)
         else:
             outcomes, failures = _run_here(jobs, committed, on_rows)
+            startup_s = 0.0
         if failures:
             raise UnitsFailedError(sorted(failures, key=lambda f: f.unit.index), len(units))
         finished.update((outcome.unit.index, outcome.progress) for outcome in outcomes)
@@ -216,6 +184,7 @@ def convert(
         sum(outcome.media_bytes_this_run for outcome in outcomes),
         time.perf_counter() - started,
         len(units),
+        startup_s,
     )
 
 

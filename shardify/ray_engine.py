@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -35,6 +36,7 @@ FORWARDED_ENVIRONMENT = (
     "AWS_PROFILE",
 )
 """The driver's S3 settings, given to every task so nodes need no configuration of their own."""
+CONNECT_TIMEOUT_S = 10.0
 _REPORT_EVERY_S = 1.0
 _POLL_S = 0.5
 
@@ -50,8 +52,20 @@ def _import_ray() -> Any:
     return ray
 
 
+def _address(options: ConvertOptions) -> str | None:
+    return options.ray_address or os.environ.get("RAY_ADDRESS")
+
+
+def preflight(options: ConvertOptions) -> None:
+    """Before anything is written: Ray is installed and the cluster, if one is named, answers."""
+    _import_ray()
+    address = _address(options)
+    if address and address != "auto":
+        _reachable(address)
+
+
 def _connect(ray: Any, options: ConvertOptions) -> None:
-    address = options.ray_address or os.environ.get("RAY_ADDRESS")
+    address = _address(options)
     environment = {name: os.environ[name] for name in FORWARDED_ENVIRONMENT if name in os.environ}
     # The driver's own shardify goes to every worker, so all nodes run the same conversion code.
     runtime_env: dict[str, Any] = {"py_modules": [str(Path(shardify.__file__).parent)]}
@@ -66,6 +80,22 @@ def _connect(ray: Any, options: ConvertOptions) -> None:
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise InputError(f"cannot connect to {where}: {exc}") from None
+
+
+def _reachable(address: str) -> None:
+    """Fail fast, naming the address, when nothing listens there (Ray itself would retry for minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(
+            f"--ray-address {address!r}: expected HOST:PORT of the cluster's head, e.g. 10.0.0.1:6379"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise InputError(
+            f"cannot reach the Ray cluster at {address}: {exc.strerror or exc}; "
+            "is `ray start --head` running there?"
+        ) from None
 
 
 def _probe_node(output_url: str, input_urls: list[str]) -> list[str]:
@@ -156,14 +186,19 @@ def run_on_ray(
     options: ConvertOptions,
     committed: dict[int, int],
     on_rows: Callable[[int], None] | None,
-) -> tuple[list[UnitOutcome], list[UnitFailure]]:
-    """Convert ``jobs`` as Ray tasks; ``committed`` holds the rows each unit's journal had at start."""
+) -> tuple[list[UnitOutcome], list[UnitFailure], float]:
+    """Convert ``jobs`` as Ray tasks; ``committed`` holds the rows each unit's journal had at start.
+
+    Also returns the seconds spent joining (or starting) the cluster and checking its nodes.
+    """
     if not jobs:
-        return [], []
+        return [], [], 0.0
+    started = time.perf_counter()
     ray = _import_ray()
     _connect(ray, options)
     try:
         _check_nodes(ray, options, jobs)
+        startup_s = time.perf_counter() - started
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         # The progress counter lives beside the driver and restarts if lost: only the bar needs it.
@@ -198,6 +233,6 @@ def run_on_ray(
                 )
                 on_rows(position - shown)
                 shown = position
-        return outcomes, failures
+        return outcomes, failures, startup_s
     finally:
         ray.shutdown()

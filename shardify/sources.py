@@ -118,6 +118,8 @@ def open_inputs(urls: list[str]) -> list[ParquetInput]:
                 with fs.open(path, "rb") as handle:
                     metadata = pq.ParquetFile(handle).metadata
                     schema = metadata.schema.to_arrow_schema()
+        except FileNotFoundError:
+            raise InputError(f"input {url} does not exist") from None
         except PermissionError as exc:
             raise InputError(f"cannot read input {url}: {exc}") from None
         except (pa.ArrowInvalid, pa.ArrowException, OSError) as exc:
