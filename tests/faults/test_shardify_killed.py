@@ -27,6 +27,7 @@ from tests.faults.conftest import FaultRecord, fault_rng, trials
 from tests.shardify.helpers import (
     committed_rows,
     convert_command,
+    local_listing,
     output_files,
     read_manifest,
     read_samples,
@@ -37,7 +38,9 @@ from tests.shardify.helpers import (
 SCENARIO = "1. shardify killed (SIGKILL)"
 ROWS = 1200
 SHARD_SAMPLES = 60
-FINAL_NAMES = re.compile(r"^(shard-\d{6}\.tar(\.crc32\.json)?|manifest\.json|skipped\.jsonl|\.shardify)$")
+FINAL_NAMES = re.compile(
+    r"^(shard-\d{6}-\d{6}\.tar(\.crc32\.json)?|manifest\.json|skipped\.jsonl|\.shardify)$"
+)
 TEMP_NAMES = re.compile(r"\.(partial|writing)$")
 
 
@@ -66,7 +69,7 @@ def _start(source: Path, out: Path, workers: int, stderr: Path) -> subprocess.Po
 
 
 def _journal_rows(out: Path) -> int:
-    return committed_rows(lambda name: (out / name).read_text())
+    return committed_rows(lambda name: (out / name).read_text(), local_listing(out))
 
 
 def _check_visible(out: Path, reference: dict[str, bytes]) -> int:

@@ -92,7 +92,7 @@ def hostile_shard(folder: Path, outside: Path, images: list[bytes]) -> dict[str,
     """A shard (and manifest) of hostile members around intact samples; returns key -> fate."""
     folder.mkdir(parents=True)
     fates: dict[str, str] = {}
-    with (folder / "shard-000000.tar").open("wb") as handle:
+    with (folder / "shard-000000-000000.tar").open("wb") as handle:
 
         def sample(key: str, path: str, image: bytes | int, extension: str = "png") -> None:
             _member(handle, f"{path}{key}.{extension}", image)
@@ -117,7 +117,11 @@ def hostile_shard(folder: Path, outside: Path, images: list[bytes]) -> dict[str,
         handle.truncate(handle.tell())
     manifest = Manifest(
         schema="caption",
-        shards=[ShardEntry("shard-000000.tar", len(fates), (folder / "shard-000000.tar").stat().st_size)],
+        shards=[
+            ShardEntry(
+                "shard-000000-000000.tar", len(fates), (folder / "shard-000000-000000.tar").stat().st_size
+            )
+        ],
         rows_read=len(fates),
         samples_written=len(fates),
         rows_skipped=0,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
-from shardify.journal import PROGRESS_NAME
+from shardify.journal import UNITS_DIR
 
 
 def read_manifest(out: Path) -> dict:
@@ -49,15 +50,31 @@ def output_files(out: Path) -> dict[str, bytes]:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
-def committed_rows(read: Callable[[str], str | bytes]) -> int:
-    """Rows a running conversion's journal says are committed (0 before it exists).
+def committed_rows(read: Callable[[str], str | bytes], listing: Callable[[str], list[str]]) -> int:
+    """Rows a running conversion's unit journals and done records say are committed (0 before any).
 
-    ``read(name)`` returns the text of a file of the output, wherever the output lives.
+    ``read(name)`` returns the text of a file of the output, ``listing(folder)`` the file names
+    in a folder of it, wherever the output lives.
     """
     try:
-        return json.loads(read(PROGRESS_NAME))["rows_read"]
-    except (FileNotFoundError, ValueError, KeyError):
+        names = listing(UNITS_DIR)
+    except FileNotFoundError:
         return 0
+    done = {name.split(".")[0] for name in names if name.endswith(".done.json")}
+    total = 0
+    for name in names:
+        unit, _, rest = name.partition(".")
+        if rest == "done.json" or (rest == "json" and unit not in done):
+            try:
+                total += json.loads(read(f"{UNITS_DIR}/{name}"))["rows_read"]
+            except (FileNotFoundError, ValueError, KeyError):
+                continue  # replaced by its done record meanwhile: counted on the next look
+    return total
+
+
+def local_listing(out: Path) -> Callable[[str], list[str]]:
+    """``listing`` for :func:`committed_rows` on a local output."""
+    return lambda folder: os.listdir(out / folder)
 
 
 def convert_command(source: Path, out: Path, workers: int, per_shard: int) -> list[str]:

@@ -48,7 +48,7 @@ def test_counts_reconcile_and_manifest_is_exact(mixed_parquet: Path, tmp_path: P
     manifest = read_manifest(out)
     skipped = read_skipped(out)
     expected_skips = {name: reason for name, (_, reason) in factories.corrupt_images().items()}
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["rows_read"] == 120
     assert manifest["rows_read"] == manifest["samples_written"] + manifest["rows_skipped"]
     assert manifest["rows_skipped"] == len(skipped) == len(expected_skips) + 2
@@ -285,10 +285,10 @@ def test_foreign_shards_in_output_are_not_clobbered(tmp_path: Path) -> None:
     source = factories.write_parquet(tmp_path / "in.parquet", factories.caption_rows(3))
     out = tmp_path / "out"
     out.mkdir()
-    (out / "shard-000000.tar").write_bytes(b"someone else's data")
+    (out / "shard-000000-000000.tar").write_bytes(b"someone else's data")
     with pytest.raises(InputError, match="already holds"):
         _convert([source], out)
-    assert (out / "shard-000000.tar").read_bytes() == b"someone else's data"
+    assert (out / "shard-000000-000000.tar").read_bytes() == b"someone else's data"
 
 
 def test_webdataset_reads_the_shards(mixed_parquet: Path, tmp_path: Path) -> None:
@@ -312,6 +312,6 @@ def test_webdataset_reads_the_shards(mixed_parquet: Path, tmp_path: Path) -> Non
 def test_tar_is_readable_by_plain_tarfile_with_fixed_metadata(mixed_parquet: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     _convert([mixed_parquet], out)
-    with tarfile.open(out / "shard-000000.tar") as tar:
+    with tarfile.open(out / "shard-000000-000000.tar") as tar:
         members = tar.getmembers()
     assert all(m.isfile() and m.mtime == 946684800 and m.uid == 0 and len(m.name) < 100 for m in members)

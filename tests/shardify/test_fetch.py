@@ -20,7 +20,14 @@ import pytest
 from shardify.convert import ConvertOptions, convert
 from shardify.fetch import FetchOptions
 from tests import factories
-from tests.shardify.helpers import committed_rows, output_files, read_manifest, read_samples, read_skipped
+from tests.shardify.helpers import (
+    committed_rows,
+    local_listing,
+    output_files,
+    read_manifest,
+    read_samples,
+    read_skipped,
+)
 
 SLOW_RESPONSE_S = 1.0
 URL_SCHEMA = pa.schema(
@@ -269,7 +276,7 @@ def test_restart_does_not_fetch_committed_rows(server: ImageServer, tmp_path: Pa
             ConvertOptions(output=str(out), fetch=FAST_FETCH, **shaping),
             on_rows=interrupt_after_20_rows,
         )
-    committed = committed_rows(lambda name: (out / name).read_text())
+    committed = committed_rows(lambda name: (out / name).read_text(), local_listing(out))
     assert committed == 16 and not (out / "manifest.json").exists()
 
     before = server.counts()

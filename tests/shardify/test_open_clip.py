@@ -38,7 +38,7 @@ def test_open_clip_reads_every_sample(tmp_path: Path, transcode: bool) -> None:
     manifest = read_manifest(out)
     last = len(manifest["shards"]) - 1
     args = argparse.Namespace(
-        val_data=str(out / f"shard-{{000000..{last:06d}}}.tar"),
+        val_data=str(out / f"shard-000000-{{000000..{last:06d}}}.tar"),  # one input: unit 0
         val_num_samples=manifest["samples_written"],
         batch_size=4,
         workers=0,
@@ -123,7 +123,7 @@ def training_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, lis
         for row in rows:
             sink.write({"__key__": row["sample_id"], "jpg": row["image_bytes"], "txt": row["caption"]})
     shards = [
-        ("shardify", str(work / "ours" / "shard-{000000..000002}.tar"), 23),
+        ("shardify", str(work / "ours" / "shard-000000-{000000..000002}.tar"), 23),
         ("shardwriter", str(work / "writer" / "shard-{000000..000002}.tar"), 23),
     ]
     return work, shards

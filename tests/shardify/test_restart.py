@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 
 from tests import factories
-from tests.shardify.helpers import committed_rows, convert_command, output_files, read_manifest, read_shard
+from tests.shardify.helpers import (
+    committed_rows,
+    convert_command,
+    local_listing,
+    output_files,
+    read_manifest,
+    read_shard,
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +42,13 @@ def slow_input(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _assert_only_complete_shards_visible(out: Path) -> int:
     """Every visible *.tar is a whole archive (the converter never exposes a partial one)."""
     visible = sorted(out.glob("*.tar")) if out.exists() else []
+    last_of_unit = {shard.name.rsplit("-", 1)[0]: shard for shard in visible}
     for shard in visible:
         samples = read_shard(shard)  # raises on a cut archive
         data = shard.read_bytes()  # and a cut at a member boundary still lacks the end blocks
         assert len(data) % 10240 == 0 and data[-1024:] == bytes(1024)
-        assert len(samples) == 150 or shard == visible[-1]  # only the final shard may be short
+        # Only a unit's final shard may be short (each input here is one unit).
+        assert len(samples) == 150 or last_of_unit[shard.name.rsplit("-", 1)[0]] == shard
     return len(visible)
 
 
@@ -58,7 +67,10 @@ def test_killed_conversion_resumes_to_identical_output(slow_input: Path, tmp_pat
         # Kill once the journal has moved past this attempt's mark, plus a random few ms, so the
         # kill lands at an arbitrary point of writing, publishing or journaling.
         mark = 700 * (attempt + 1)
-        while process.poll() is None and committed_rows(lambda name: (out / name).read_text()) < mark:
+        while (
+            process.poll() is None
+            and committed_rows(lambda name: (out / name).read_text(), local_listing(out)) < mark
+        ):
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.05))
         if process.poll() is None:

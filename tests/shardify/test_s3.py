@@ -62,7 +62,13 @@ def test_s3_round_trip_matches_local_conversion(s3_bucket: str, s3_env, tmp_path
         == sorted(local_files)
         == [
             "manifest.json",
-            *[f"shard-00000{i}.tar{suffix}" for i in range(3) for suffix in ("", ".crc32.json")],
+            # one unit per input, two shards each: 29 samples (one truncated image) and 30
+            *[
+                f"shard-00000{unit}-00000{part}.tar{suffix}"
+                for unit in range(2)
+                for part in range(2)
+                for suffix in ("", ".crc32.json")
+            ],
             "skipped.jsonl",
         ]
     )
@@ -105,7 +111,14 @@ def test_s3_conversion_killed_and_resumed(s3_bucket: str, s3_env, tmp_path: Path
         env=os.environ.copy(),
     )
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and committed_rows(lambda name: fs.cat(f"{s3_bucket}/out/{name}")) == 0:
+    while (
+        time.monotonic() < deadline
+        and committed_rows(
+            lambda name: fs.cat(f"{s3_bucket}/out/{name}"),
+            lambda folder: [p.rsplit("/", 1)[-1] for p in fs.ls(f"{s3_bucket}/out/{folder}", refresh=True)],
+        )
+        == 0
+    ):
         time.sleep(0.1)
     process.send_signal(signal.SIGKILL)
     process.wait()

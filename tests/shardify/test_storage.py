@@ -48,15 +48,17 @@ def test_local_paths_and_s3_urls_resolve_through_the_table() -> None:
     for url in ("relative/shard.tar", "/abs/shard.tar", "file:///abs/shard.tar"):
         assert type(storage_for(url)) is LocalStorage and not is_remote(url), url
     assert filesystem("file:///abs/shard.tar")[1] == filesystem("/abs/shard.tar")[1] == "/abs/shard.tar"
-    s3 = storage_for("s3://bucket/pixmo/shard-000000.tar")
+    s3 = storage_for("s3://bucket/pixmo/shard-000000-000000.tar")
     assert type(s3) is S3Storage and is_remote("s3://bucket/x")
-    assert filesystem("s3://bucket/pixmo/shard-000000.tar")[1] == "bucket/pixmo/shard-000000.tar"
+    assert (
+        filesystem("s3://bucket/pixmo/shard-000000-000000.tar")[1] == "bucket/pixmo/shard-000000-000000.tar"
+    )
     assert s3.url("bucket/pixmo/a.parquet") == "s3://bucket/pixmo/a.parquet"
 
 
 def test_unknown_scheme_names_it_and_the_registered_ones(shards: Path, tmp_path: Path) -> None:
     with pytest.raises(UnknownStorageError) as error:
-        storage_for("gs://bucket/shard-000000.tar")
+        storage_for("gs://bucket/shard-000000-000000.tar")
     message = str(error.value)
     assert all(name in message for name in ("gs://", "file://", "s3://", "register_storage")), message
     with pytest.raises(InputError, match=r"no storage for gs:// URLs \(registered: .*s3://"):
@@ -78,9 +80,9 @@ def test_registering_needs_a_scheme_and_replacing_needs_asking() -> None:
 
 
 def test_a_registered_backend_serves_the_tar_reader(shards: Path) -> None:
-    local = str(shards / "shard-000001.tar")
+    local = str(shards / "shard-000000-000001.tar")
     with in_memory(shards) as base:
-        url = f"{base}/shard-000001.tar"
+        url = f"{base}/shard-000000-000001.tar"
         assert _payloads(iter_samples(url)) == _payloads(iter_samples(local))
         assert _payloads(iter_samples(url, 3, 7)) == _payloads(iter_samples(local, 3, 7))
         assert MemoryStorage.opened == [url, url]
@@ -104,7 +106,7 @@ class _RecordingS3(S3Storage):
 
 
 def test_local_reads_go_through_the_table(shards: Path) -> None:
-    url = str(shards / "shard-000000.tar")
+    url = str(shards / "shard-000000-000000.tar")
     expected = _payloads(iter_samples(url))
     register_storage("file", _RecordingLocal, replace=True)
     try:
@@ -116,7 +118,7 @@ def test_local_reads_go_through_the_table(shards: Path) -> None:
 
 @pytest.mark.s3
 def test_s3_reads_go_through_the_table(shards: Path, s3_env: Any, s3_bucket: str) -> None:
-    local = shards / "shard-000002.tar"
+    local = shards / "shard-000000-000002.tar"
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_env.endpoint}, skip_instance_cache=True)
     fs.put_file(str(local), f"{s3_bucket}/out/{local.name}")
     url = f"s3://{s3_bucket}/out/{local.name}"

@@ -29,7 +29,7 @@ def _make_shard(directory: Path, rows: list[dict]) -> Path:
     factories.write_parquet(directory / "in.parquet", rows)
     options = ConvertOptions(output=str(directory / "out"), max_samples_per_shard=len(rows))
     convert([str(directory / "in.parquet")], options)
-    return directory / "out" / "shard-000000.tar"
+    return directory / "out" / "shard-000000-000000.tar"
 
 
 def tarfile_samples(data: bytes) -> list[dict[str, Any]]:
@@ -301,7 +301,7 @@ def _upload(s3_env: Any, local: Path, key: str) -> str:
 
 @pytest.mark.s3
 def test_s3_reads_like_local(s3_env: Any, s3_bucket: str, image_shard: Path, reference: list) -> None:
-    url = _upload(s3_env, image_shard, f"{s3_bucket}/shards/shard-000000.tar")
+    url = _upload(s3_env, image_shard, f"{s3_bucket}/shards/shard-000000-000000.tar")
     stats = ReadStats()
     assert read(url, stats=stats) == reference
     assert stats.bytes_read == image_shard.stat().st_size and stats.retries == 0
@@ -333,7 +333,7 @@ def big_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_s3_server_restart_mid_stream(
     s3_env: Any, s3_bucket: str, big_shard: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url = _upload(s3_env, big_shard, f"{s3_bucket}/big/shard-000000.tar")
+    url = _upload(s3_env, big_shard, f"{s3_bucket}/big/shard-000000-000000.tar")
     expected = tarfile_samples(big_shard.read_bytes())
     # Without this botocore retries refused connections itself and the outage never reaches us.
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")

@@ -50,9 +50,9 @@ def damaged(clean: Path, tmp_path: Path) -> tuple[Path, set[str]]:
     out = tmp_path / "damaged"
     shutil.copytree(clean, out)
     keys = {
-        flip_byte(out / "shard-000000.tar", ".jpg", 1),
-        flip_byte(out / "shard-000001.tar", ".txt", 2),
-        flip_byte(out / "shard-000002.tar", ".json", 3),
+        flip_byte(out / "shard-000000-000000.tar", ".jpg", 1),
+        flip_byte(out / "shard-000000-000001.tar", ".txt", 2),
+        flip_byte(out / "shard-000000-000002.tar", ".json", 3),
     }
     return out, keys
 
@@ -127,7 +127,7 @@ def test_shards_without_checksums_still_read(damaged: tuple[Path, set[str]], tmp
 
 def test_a_missing_checksum_file_reads_the_shard_unverified(damaged: tuple[Path, set[str]]) -> None:
     shards, _ = damaged
-    (shards / "shard-000000.tar.crc32.json").unlink()
+    (shards / "shard-000000-000000.tar.crc32.json").unlink()
     _, stats = one_epoch(shards)
     assert stats["checksum_errors"] == 2  # the two damaged shards that still have theirs
     assert stats["samples"] + stats["decode_errors"] == ROWS - 2

@@ -34,7 +34,7 @@ def caption_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_caption_decoder_gives_normalised_image_text_and_id(caption_out: Path) -> None:
-    raw = next(iter_samples(str(caption_out / "shard-000000.tar")))
+    raw = next(iter_samples(str(caption_out / "shard-000000-000000.tar")))
     sample = CaptionDecoder(image_size=32, train=False)(raw, random.Random(0))
     assert sample["sample_id"] == "img-00000" and sample["text"] == "a photo number 0"
     assert sample["image"].shape == (3, 32, 32) and sample["image"].dtype == torch.float32
@@ -42,7 +42,7 @@ def test_caption_decoder_gives_normalised_image_text_and_id(caption_out: Path) -
 
 
 def test_caption_decoder_audio_and_text_dropout(caption_out: Path) -> None:
-    raw = next(iter_samples(str(caption_out / "shard-000000.tar")))
+    raw = next(iter_samples(str(caption_out / "shard-000000-000000.tar")))
     decoder = CaptionDecoder(
         image_size=32, train=True, text_dropout_prob=0.5, audio=AudioConfig(max_seconds=1.0)
     )
@@ -54,7 +54,7 @@ def test_caption_decoder_audio_and_text_dropout(caption_out: Path) -> None:
 
 
 def test_eval_decoder_never_drops_text(caption_out: Path) -> None:
-    raw = next(iter_samples(str(caption_out / "shard-000000.tar")))
+    raw = next(iter_samples(str(caption_out / "shard-000000-000000.tar")))
     decoder = CaptionDecoder(image_size=32, train=False, text_dropout_prob=1.0)
     assert decoder(raw, random.Random(0))["text"] == "a photo number 0"
 
@@ -87,7 +87,8 @@ def test_qa_decoder_and_vlm_collate(tmp_path: Path, qwen2_tokenizer) -> None:
     convert([str(tmp_path / "qa.parquet")], ConvertOptions(output=str(tmp_path / "out")))
     decoder = QADecoder(qwen2_tokenizer, image_size=32, train=False, max_answer_tokens=4)
     samples = [
-        decoder(raw, random.Random(0)) for raw in iter_samples(str(tmp_path / "out" / "shard-000000.tar"))
+        decoder(raw, random.Random(0))
+        for raw in iter_samples(str(tmp_path / "out" / "shard-000000-000000.tar"))
     ]
     assert all(
         s["answer_ids"][-1] == qwen2_tokenizer.eos_token_id and len(s["answer_ids"]) <= 4 for s in samples

@@ -31,13 +31,13 @@ def test_directory_manifest_and_pattern_agree(outputs: tuple[Path, Path]) -> Non
     one, _ = outputs
     by_dir = resolve(str(one))
     assert [(Path(s.url).name, s.samples) for s in by_dir.shards] == [
-        ("shard-000000.tar", 10),
-        ("shard-000001.tar", 10),
-        ("shard-000002.tar", 5),
+        ("shard-000000-000000.tar", 10),
+        ("shard-000000-000001.tar", 10),
+        ("shard-000000-000002.tar", 5),
     ]
     assert resolve(str(one / "manifest.json")) == by_dir
-    assert resolve(str(one / "shard-{000000..000002}.tar")) == by_dir
-    assert resolve(str(one / "shard-000001.tar")).samples == 10
+    assert resolve(str(one / "shard-000000-{000000..000002}.tar")) == by_dir
+    assert resolve(str(one / "shard-000000-000001.tar")).samples == 10
     assert by_dir.schema == "caption" and by_dir.samples == 25
 
 
@@ -53,7 +53,7 @@ def test_list_of_sources_concatenates(outputs: tuple[Path, Path]) -> None:
     [
         ("missing-dir", "holds no manifest.json"),
         ("one/shard-{000000..000005}.tar", "not listed in"),
-        ("nowhere/shard-000000.tar", "does not exist"),
+        ("nowhere/shard-000000-000000.tar", "does not exist"),
     ],
 )
 def test_bad_sources_are_named(outputs: tuple[Path, Path], source: str, message: str) -> None:
@@ -64,7 +64,7 @@ def test_bad_sources_are_named(outputs: tuple[Path, Path], source: str, message:
 
 def test_same_shard_twice_is_refused(outputs: tuple[Path, Path]) -> None:
     with pytest.raises(DataSourceError, match="more than once"):
-        resolve([str(outputs[0]), str(outputs[0] / "shard-000000.tar")])
+        resolve([str(outputs[0]), str(outputs[0] / "shard-000000-000000.tar")])
 
 
 @pytest.mark.parametrize(
