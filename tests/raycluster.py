@@ -21,6 +21,23 @@ from pathlib import Path
 HEAD_PORT = 6390
 RAY = str(Path(sys.executable).parent / "ray")
 ENVIRONMENT = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+NODE_ENVIRONMENT = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
+"""A killed node is declared dead after 3 refused health checks a second apart (Ray's default:
+5 every 3 s); a node that is merely slow still has the default 10 s to answer each check."""
+
+
+_MONITOR = """
+import sys, time, ray
+while True:
+    try:
+        ray.init(address=sys.argv[1], logging_level="ERROR")
+        break
+    except (ConnectionError, RuntimeError):
+        time.sleep(0.2)
+for _ in sys.stdin:
+    print(sum(node["Alive"] for node in ray.nodes()), flush=True)
+"""
+"""Answers each line on stdin with the number of nodes the head counts alive."""
 
 
 def namespaces_available() -> bool:
@@ -31,13 +48,16 @@ def namespaces_available() -> bool:
 
 
 def _session_members(sid: int) -> list[int]:
+    """Live processes of session ``sid`` (zombies are dead: they only wait for their parent)."""
     members = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 if os.getsid(int(entry)) == sid:
-                    members.append(int(entry))
-            except (ProcessLookupError, PermissionError):
+                    state = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()[0]
+                    if state != "Z":
+                        members.append(int(entry))
+            except (ProcessLookupError, PermissionError, FileNotFoundError, IndexError):
                 continue
     return members
 
@@ -105,14 +125,15 @@ class RayCluster:
         self.address = f"127.0.0.1:{HEAD_PORT}"
         self.head: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
+        self.monitor: subprocess.Popen | None = None
 
-    def _node(self, args: list[str], log: str) -> subprocess.Popen:
+    def _node(self, args: list[str], log: str, setup: str | None = None) -> subprocess.Popen:
+        command = [RAY, "start", "--block", f"--num-cpus={self.cpus}", "--disable-usage-stats", *args]
+        if setup is not None:
+            script = f'{setup} && exec "$@"'
+            command = ["unshare", "-m", "--propagation", "private", "bash", "-c", script, "bash", *command]
         with open(self.workdir / log, "ab") as handle:
-            return self.namespace.popen(
-                [RAY, "start", "--block", f"--num-cpus={self.cpus}", "--disable-usage-stats", *args],
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-            )
+            return self.namespace.popen(command, NODE_ENVIRONMENT, stdout=handle, stderr=subprocess.STDOUT)
 
     def start_head(self) -> None:
         temp = self.workdir / "ray-temp"
@@ -127,43 +148,66 @@ class RayCluster:
             ],
             "head.log",
         )
-        self.wait_for_nodes(1)
+        self.wait_for_nodes()
 
-    def add_worker(self) -> subprocess.Popen:
-        alive = self.alive_nodes()
-        node = self._node([f"--address={self.address}", "--node-ip-address=127.0.0.1"], "worker.log")
+    def add_worker(self, setup: str | None = None) -> subprocess.Popen:
+        """Start a node that joins the head; ``setup``: shell commands run first, in a mount
+        namespace of the node's own (to hide or write-protect paths from it alone)."""
+        node = self._node([f"--address={self.address}", "--node-ip-address=127.0.0.1"], "worker.log", setup)
         self.workers.append(node)
-        self.wait_for_nodes(alive + 1)
+        self.wait_for_nodes()
         return node
 
     def alive_nodes(self) -> int:
-        script = (
-            f"import ray; ray.init(address='{self.address}', logging_level='ERROR'); "
-            "print(sum(n['Alive'] for n in ray.nodes()))"
-        )
-        result = self.namespace.run([sys.executable, "-c", script], timeout=120)
+        """Nodes the head counts alive, asked through one connected process kept for the module
+        (a fresh ``ray.init`` per question costs seconds)."""
+        if self.monitor is None or self.monitor.poll() is not None:
+            self.monitor = self.namespace.popen(
+                [sys.executable, "-c", _MONITOR, self.address],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+        assert self.monitor.stdin is not None and self.monitor.stdout is not None
         try:
-            return int(result.stdout.strip().splitlines()[-1])
-        except (ValueError, IndexError):
+            self.monitor.stdin.write("\n")
+            self.monitor.stdin.flush()
+            return int(self.monitor.stdout.readline())
+        except (BrokenPipeError, ValueError):
             return 0
 
-    def wait_for_nodes(self, count: int, timeout: float = 90) -> None:
+    def wait_for_nodes(self, timeout: float = 90) -> None:
+        """Until the head counts exactly the nodes started here alive: new ones have joined and
+        killed ones are no longer counted (the head notices a dead node only after a while)."""
+        count = (self.head is not None) + len(self.workers)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.head is not None and self.head.poll() is not None:
                 raise RuntimeError(f"the Ray head exited; see {self.workdir / 'head.log'}")
-            if self.alive_nodes() >= count:
+            if self.alive_nodes() == count:
                 return
-            time.sleep(0.5)
-        raise RuntimeError(f"{count} Ray nodes were not up within {timeout}s; see {self.workdir}")
+            time.sleep(0.2)
+        raise RuntimeError(
+            f"the head did not count {count} nodes alive within {timeout}s; see {self.workdir}"
+        )
 
     def kill_worker(self, node: subprocess.Popen) -> None:
         kill_session(node.pid)
         node.wait()
         self.workers.remove(node)
 
+    def remove_worker(self, node: subprocess.Popen) -> None:
+        """Kill a node and wait until the head no longer counts it alive."""
+        self.kill_worker(node)
+        self.wait_for_nodes()
+
     def stop(self) -> None:
-        for node in [*self.workers, *([self.head] if self.head else [])]:
+        for node in [
+            *([self.monitor] if self.monitor else []),
+            *self.workers,
+            *([self.head] if self.head else []),
+        ]:
             kill_session(node.pid)
             node.wait()
-        self.workers, self.head = [], None
+        self.workers, self.head, self.monitor = [], None, None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +39,9 @@ def test_help_explains_every_option() -> None:
         "--max-samples-per-shard",
         "--max-shard-bytes",
         "--workers",
+        "--engine",
+        "--ray-address",
+        "--unit-size",
         "--prefix",
         "--quiet",
         "s3://",
@@ -190,3 +195,50 @@ def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     assert process.wait(timeout=120) == 0
     os.close(leader)
     assert b"converting" in terminal and b"rows/s" in terminal and b"40/40" in terminal
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:  # bound and closed again: nothing listens there
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ray_engine_refusals_name_the_cluster_and_write_nothing(tmp_path: Path) -> None:
+    source = factories.write_parquet(tmp_path / "in.parquet", factories.caption_rows(2))
+    out = tmp_path / "out"
+    address = f"127.0.0.1:{_closed_port()}"
+    convert = ("parquet-to-tar", str(source), "-o", str(out), "--engine", "ray")
+    assert_user_error(
+        shardify(*convert, "--ray-address", address), f"cannot reach the Ray cluster at {address}"
+    )
+    assert_user_error(shardify(*convert, "--ray-address", "head-node"), "expected HOST:PORT")
+    assert_user_error(
+        shardify("parquet-to-tar", str(source), "-o", str(out), "--ray-address", address),
+        "--ray-address is only for --engine ray",
+    )
+    from_environment = subprocess.run(
+        [sys.executable, "-m", "shardify", *convert],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_ADDRESS": address},
+    )
+    assert_user_error(from_environment, f"cannot reach the Ray cluster at {address}")
+    assert not out.exists()
+
+
+def test_ray_engine_without_ray_installed(tmp_path: Path) -> None:
+    source = factories.write_parquet(tmp_path / "in.parquet", factories.caption_rows(2))
+    out = tmp_path / "out"
+    # The real command line with `import ray` failing, as it does where Ray is not installed.
+    script = (
+        "import sys; sys.modules['ray'] = None\nfrom shardify.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, "parquet-to-tar", str(source), "-o", str(out), "--engine", "ray"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert_user_error(result, "--engine ray needs Ray, which is not installed", "./launch.sh setup")
+    assert not out.exists()
