@@ -14,6 +14,12 @@ Every measurement runs in a fresh child process so its peak RSS is its own.
 
     python benchmarks/bench_shardify.py [--rows 3000] [--big-factor 3] [--json results.json]
     python benchmarks/bench_shardify.py --fetch-only [--fetch-rows 300] [--fetch-latency-ms 50]
+    python benchmarks/bench_shardify.py --ray [--rows 3000] [--ray-unit-mb 48]
+
+``--ray``: the same input through ``--engine local`` with 1 and 2 threads and ``--engine ray``
+with 1 and 2 Ray workers (a Ray started by shardify, inside a private network namespace so it
+stays on loopback), cut into units of ``--ray-unit-mb``; rows/s without the engine's start-up,
+and Ray's cost per unit against a unit's time, projected to the default unit size.
 """
 
 from __future__ import annotations
@@ -43,9 +49,10 @@ import pyarrow.parquet as pq  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from shardify.checks import check_image  # noqa: E402
-from shardify.convert import ConvertOptions, convert
-from shardify.rows import check_media  # noqa: E402
+from shardify.convert import ConvertOptions, convert  # noqa: E402
 from shardify.fetch import FetchOptions  # noqa: E402
+from shardify.options import DEFAULT_UNIT_BYTES  # noqa: E402
+from shardify.rows import check_media  # noqa: E402
 
 DISTINCT_IMAGES = 96
 CORRUPT_FRACTION = 0.03
@@ -128,6 +135,10 @@ def child_convert(source: str, workers: int, scratch: str) -> dict:
     return timed_convert(source, scratch, "shards-", workers=workers)
 
 
+def child_engine(source: str, engine: str, workers: int, unit_bytes: int, scratch: str) -> dict:
+    return timed_convert(source, scratch, f"{engine}-", workers=workers, engine=engine, unit_bytes=unit_bytes)
+
+
 def child_fetch(source: str, fetch_workers: int, scratch: str) -> dict:
     return timed_convert(source, scratch, "fetched-", fetch=FetchOptions(workers=fetch_workers))
 
@@ -145,6 +156,8 @@ def timed_convert(source: str, scratch: str, prefix: str, **options: Any) -> dic
         "cpu_seconds": cpu,
         "media_bytes": result.media_bytes_this_run,
         "written": result.manifest.samples_written,
+        "units": result.units,
+        "startup_seconds": result.engine_startup_s,
     }
 
 
@@ -288,9 +301,17 @@ def child_variants(source: str, limit: int) -> dict:
     return report
 
 
-def run_child(*args: str) -> dict:
-    """Run one measurement in a fresh interpreter; returns its JSON result, with its peak RSS."""
-    process = subprocess.run([sys.executable, __file__, "_child", *args], stdout=subprocess.PIPE, text=True)
+def run_child(*args: str, isolated: bool = False) -> dict:
+    """Run one measurement in a fresh interpreter; returns its JSON result, with its peak RSS.
+
+    ``isolated``: in a private network namespace holding only loopback (Ray would otherwise
+    listen on the host's interface address).
+    """
+    command = [sys.executable, __file__, "_child", *args]
+    if isolated:
+        command = ["unshare", "-rn", "bash", "-c", 'ip link set lo up && exec "$@"', "bash", *command]
+    environment = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    process = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=environment)
     if process.returncode != 0:
         raise SystemExit(f"benchmark child {args} failed with exit code {process.returncode}")
     return json.loads(process.stdout.strip().splitlines()[-1])
@@ -314,6 +335,8 @@ def child_main(argv: list[str]) -> None:
         result = child_rawcopy(rest[0], rest[1])
     elif mode == "fetch":
         result = child_fetch(rest[0], int(rest[1]), rest[2])
+    elif mode == "engine":
+        result = child_engine(rest[0], rest[1], int(rest[2]), int(rest[3]), rest[4])
     else:
         result = child_variants(rest[0], int(rest[1]))
     result["peak_rss_mb"] = peak_rss_mb()
@@ -351,7 +374,16 @@ def main() -> None:
         "--fetch-latency-ms", type=float, default=50, help="the server's delay before each response"
     )
     parser.add_argument("--fetch-only", action="store_true", help="run only the image_url measurement")
+    parser.add_argument("--ray", action="store_true", help="run only the engine comparison (local vs Ray)")
+    parser.add_argument("--ray-unit-mb", type=float, default=48, help="unit size of the engine comparison")
     args = parser.parse_args()
+    if args.ray:
+        with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-shardify-") as scratch:
+            engines = measure_engines(Path(scratch), args.rows, int(args.ray_unit_mb * 1e6), args.repeats)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"engines": engines}, indent=2))
+        report_engines(engines)
+        return
     if args.fetch_only:
         with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-shardify-") as scratch:
             distinct = [pixmo_photo(seed) for seed in range(DISTINCT_IMAGES // 4)]
@@ -403,6 +435,92 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     report(results)
+
+
+def measure_engines(work: Path, rows: int, unit_bytes: int, repeats: int) -> dict:
+    """Both engines with 1 and 2 workers at ``unit_bytes``, and with 1 worker at a quarter of it:
+    the extra time per extra unit (the slope) is an engine's cost per unit, free of its fixed costs."""
+    print(f"making {DISTINCT_IMAGES} distinct 1024x768 photos ...", file=sys.stderr)
+    distinct = [pixmo_photo(seed) for seed in range(DISTINCT_IMAGES)]
+    source = work / "pixmo.parquet"
+    make_input(source, rows, distinct)
+    runs: dict = {"rows": rows, "mb": source.stat().st_size / 1e6, "unit_bytes": unit_bytes}
+    for engine in ("local", "ray"):
+        variants = ((1, unit_bytes, "1"), (2, unit_bytes, "2"), (1, unit_bytes // 4, "1_small"))
+        for workers, unit, key in variants:
+            measured = [
+                run_child("engine", str(source), engine, str(workers), str(unit), str(work), isolated=True)
+                for _ in range(repeats)
+            ]
+            runs[f"{engine}_{key}"] = min(measured, key=working_seconds)
+    return runs
+
+
+def working_seconds(m: dict) -> float:
+    """A conversion's time without its engine's start-up (joining or starting Ray, checking nodes)."""
+    return m["seconds"] - m["startup_seconds"]
+
+
+def per_unit_seconds(e: dict, engine: str) -> float:
+    big, small = e[f"{engine}_1"], e[f"{engine}_1_small"]
+    return (working_seconds(small) - working_seconds(big)) / (small["units"] - big["units"])
+
+
+def report_engines(e: dict) -> None:
+    local1, ray1 = e["local_1"], e["ray_1"]
+    units = local1["units"]
+    print(
+        f"\n## engines: {e['rows']} rows of 1024x768 JPEGs, {e['mb']:.0f} MB of parquet, {units} units "
+        f"of {e['unit_bytes'] / 1e6:.0f} MB ({e['local_1_small']['units']} at a quarter of that)\n"
+    )
+    print("| engine | workers | units | rows/s (working) | start-up s | end to end s | ratio | peak RSS MB |")
+    print("|---|---:|---:|---:|---:|---:|---|---:|")
+    for key in ("local_1", "local_2", "local_1_small", "ray_1", "ray_2", "ray_1_small"):
+        m = e[key]
+        engine, workers = key.split("_")[:2]
+        ratio = f"{working_seconds(local1) / working_seconds(m):.2f}x local 1 thread"
+        print(
+            f"| {engine} | {workers} | {m['units']} | {m['rows'] / working_seconds(m):,.0f} | "
+            f"{m['startup_seconds']:.1f} | {m['seconds']:.1f} | {ratio} | {m['peak_rss_mb']:.0f} |"
+        )
+    local_unit, ray_unit = per_unit_seconds(e, "local"), per_unit_seconds(e, "ray")
+    overhead = ray_unit - local_unit
+    fixed = working_seconds(ray1) - working_seconds(local1) - units * overhead
+    mb_per_s = local1["media_bytes"] / working_seconds(local1) / 1e6
+    default_unit_s = DEFAULT_UNIT_BYTES / 1e6 / mb_per_s
+    print(
+        f"\nCost per extra unit (slope between the two unit sizes): local {local_unit * 1000:+.0f} ms, "
+        f"Ray {ray_unit * 1000:+.0f} ms; Ray's own: {overhead * 1000:+.0f} ms per unit, plus "
+        f"{fixed:.1f} s once per run (its worker processes starting; the driver's start-up, "
+        f"{ray1['startup_seconds']:.1f} s, aside). A unit of the default size "
+        f"({DEFAULT_UNIT_BYTES / 2**30:.0f} GiB of parquet) is {default_unit_s:.0f} s of work at this "
+        f"machine's {mb_per_s:.0f} MB/s per worker: Ray's per-unit overhead is "
+        f"{100 * overhead / default_unit_s:+.2f}% of it (goal < 5%)."
+    )
+    report_projection(e, overhead / default_unit_s)
+
+
+def report_projection(e: dict, overhead: float) -> None:
+    """A cluster's rate from one worker's, and what that figure takes for granted."""
+    local1, ray1, ray2 = e["local_1"], e["ray_1"], e["ray_2"]
+    rows_per_worker = local1["rows"] / working_seconds(local1) / (1 + overhead)
+    mb_per_worker = local1["media_bytes"] / working_seconds(local1) / 1e6 / (1 + overhead)
+    scaling = working_seconds(ray1) / working_seconds(ray2)
+    nodes, cores, dataset_tb = 16, 32, 100
+    workers = nodes * cores
+    hours = dataset_tb * 1e6 / (mb_per_worker * workers) / 3600
+    print(
+        f"\nCluster projection: one Ray worker (a task of num_cpus=1, one per core) converts "
+        f"{rows_per_worker:,.0f} rows/s ({mb_per_worker:.0f} MB/s of media: this machine's one-thread "
+        f"rate less Ray's per-unit overhead at the default unit size); {nodes} nodes x {cores} cores = "
+        f"{workers * rows_per_worker:,.0f} rows/s, {dataset_tb} TB of media in {hours:.1f} h. "
+        f"It assumes: the work stays CPU-bound and scales with cores (measured here only up to 2 Ray "
+        f"workers: {scaling:.2f}x one, on 2 cores shared with Ray's own daemons and the driver); every "
+        f"node reads and writes its storage at {cores * mb_per_worker * 8 / 1000:.0f} Gbit/s or more; "
+        f"a core of the cluster is as fast as one here; there are more units than cores "
+        f"({dataset_tb} TB / {DEFAULT_UNIT_BYTES / 2**30:.0f} GiB = "
+        f"{dataset_tb * 1e12 / DEFAULT_UNIT_BYTES:,.0f} units); the fixed start-up is small beside hours."
+    )
 
 
 def report_fetch(f: dict) -> None:

@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_size,
         default=DEFAULT_UNIT_BYTES,
         metavar="SIZE",
-        help="parquet bytes per unit of work, about a minute on one core for photos; each unit "
+        help="parquet bytes per unit of work, half a minute to a minute on one core for photos; each unit "
         "makes its own shards (default: 2GiB)",
     )
     p.add_argument(

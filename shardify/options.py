@@ -14,8 +14,9 @@ from shardify.sources import InputError, column_problems
 _PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 ENGINES = ("local", "ray")
 DEFAULT_UNIT_BYTES = 2 << 30
-"""Parquet bytes per unit of work: about a minute of checking on one core for 1024x768 photos
-(~40 MB/s of JPEG per core; benchmarks/bench_shardify.py measures it)."""
+"""Parquet bytes per unit of work: half a minute to a minute of checking on one core for 1024x768
+photos (57-83 MB/s of JPEG per core measured by benchmarks/bench_shardify.py), so that Ray's cost per
+task is noise and a lost unit costs little to redo."""
 
 
 def default_workers() -> int:
