@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -81,7 +83,7 @@ def unit_size(inputs: Path) -> str:
     return str(max(halves))
 
 
-def _command(source: str, out: str, unit_size: str, *extra: str) -> list[str]:
+def _command(source: str, out: str, unit_size: str, *extra: str, quiet: bool = True) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -94,7 +96,7 @@ def _command(source: str, out: str, unit_size: str, *extra: str) -> list[str]:
         unit_size,
         "--max-samples-per-shard",
         PER_SHARD,
-        "--quiet",
+        *(["--quiet"] if quiet else []),
         *extra,
     ]
 
@@ -171,12 +173,19 @@ def test_two_nodes_convert_identically_to_the_local_engine(
     reference: dict[str, bytes],
     tmp_path: Path,
 ) -> None:
+    """Run as a user would, on a terminal (``script`` gives it one): the progress bar counts the
+    rows of the whole cluster and the summary table follows."""
     out = tmp_path / "ray"
-    result = namespace.run(
-        _command(str(inputs), str(out), unit_size, "--engine", "ray", "--ray-address", cluster.address)
+    command = _command(
+        str(inputs), str(out), unit_size, "--engine", "ray", "--ray-address", cluster.address, quiet=False
     )
-    assert result.returncode == 0, result.stderr
+    result = namespace.run(["script", "-qec", shlex.join(command), "/dev/null"])
+    assert result.returncode == 0, result.stdout[-3000:]
     assert output_files(out) == reference
+    screen = result.stdout.replace("\r", "\n")
+    assert re.search(r"converting: 100%.*\b960/960 \[.*rows/s\]", screen), screen[-3000:]
+    assert f"shardify: {out}  (schema caption, " in screen and " from 8 units, " in screen
+    assert re.search(r"rows read +960\n", screen) and re.search(r"throughput +[0-9,.]+ rows/s", screen)
 
 
 def test_a_killed_worker_node_is_survived(
