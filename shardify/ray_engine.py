@@ -75,8 +75,8 @@ def _connect(ray: Any, options: ConvertOptions) -> None:
     try:
         if address:
             ray.init(address=address, **settings)
-        else:
-            ray.init(num_cpus=options.workers, include_dashboard=False, **settings)
+        else:  # a Ray of our own, even where `ray start` runs here (ray.init() would join that)
+            ray.init(address="local", num_cpus=options.workers, include_dashboard=False, **settings)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise InputError(f"cannot connect to {where}: {exc}") from None

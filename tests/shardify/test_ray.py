@@ -10,9 +10,11 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,6 +188,30 @@ def test_two_nodes_convert_identically_to_the_local_engine(
     assert re.search(r"converting: 100%.*\b960/960 \[.*rows/s\]", screen), screen[-3000:]
     assert f"shardify: {out}  (schema caption, " in screen and " from 8 units, " in screen
     assert re.search(r"rows read +960\n", screen) and re.search(r"throughput +[0-9,.]+ rows/s", screen)
+
+
+def test_without_an_address_a_ray_of_its_own_is_started(
+    cluster: RayCluster, namespace: Namespace, inputs: Path, unit_size: str, tmp_path: Path
+) -> None:
+    """No --ray-address and no RAY_ADDRESS: a Ray started for the run with --workers CPUs, even
+    where `ray start` left its address for ray.init() to find (which would then refuse the CPU
+    count); the output is the local engine's."""
+    source = inputs / "part-1.parquet"
+    here = subprocess.run(_command(str(source), str(tmp_path / "local"), unit_size), capture_output=True)
+    assert here.returncode == 0, here.stderr
+    assert "RAY_ADDRESS" not in os.environ
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths live here
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text(cluster.address)
+        own = namespace.run(
+            _command(str(source), str(tmp_path / "ray"), unit_size, "--engine", "ray", "--workers", "1"),
+            env={"RAY_TMPDIR": str(ray_tmp)},
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert own.returncode == 0, own.stderr
+    assert output_files(tmp_path / "ray") == output_files(tmp_path / "local")
 
 
 def test_a_killed_worker_node_is_survived(
