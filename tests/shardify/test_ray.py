@@ -103,6 +103,10 @@ def _command(source: str, out: str, unit_size: str, *extra: str, quiet: bool = T
     ]
 
 
+def _on_cluster(cluster: RayCluster, source: str, out: str, unit_size: str, quiet: bool = True) -> list[str]:
+    return _command(source, out, unit_size, "--engine", "ray", "--ray-address", cluster.address, quiet=quiet)
+
+
 @pytest.fixture(scope="module")
 def reference(inputs: Path, unit_size: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """The local engine's output (here, outside the namespace)."""
@@ -178,9 +182,7 @@ def test_two_nodes_convert_identically_to_the_local_engine(
     """Run as a user would, on a terminal (``script`` gives it one): the progress bar counts the
     rows of the whole cluster and the summary table follows."""
     out = tmp_path / "ray"
-    command = _command(
-        str(inputs), str(out), unit_size, "--engine", "ray", "--ray-address", cluster.address, quiet=False
-    )
+    command = _on_cluster(cluster, str(inputs), str(out), unit_size, quiet=False)
     result = namespace.run(["script", "-qec", shlex.join(command), "/dev/null"])
     assert result.returncode == 0, result.stdout[-3000:]
     assert output_files(out) == reference
@@ -225,7 +227,7 @@ def test_a_killed_worker_node_is_survived(
     out = tmp_path / "ray"
     worker = cluster.workers[0]
     process = namespace.popen(
-        _command(str(inputs), str(out), unit_size, "--engine", "ray", "--ray-address", cluster.address),
+        _on_cluster(cluster, str(inputs), str(out), unit_size),
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -252,7 +254,7 @@ def test_a_sigkilled_driver_is_rerun_to_the_same_output_redoing_nothing_done(
     tmp_path: Path,
 ) -> None:
     out = tmp_path / "ray"
-    command = _command(str(inputs), str(out), unit_size, "--engine", "ray", "--ray-address", cluster.address)
+    command = _on_cluster(cluster, str(inputs), str(out), unit_size)
     log = tmp_path / "driver.log"
     with log.open("w") as handle:
         process = namespace.popen(command, stderr=handle)
@@ -296,7 +298,7 @@ def test_a_unit_that_keeps_failing_is_reported_and_the_rest_completes(
     damaged[4 : len(damaged) // 3] = bytes(len(damaged) // 3 - 4)  # data pages of the first unit gone
     broken.write_bytes(bytes(damaged))
     out = tmp_path / "ray"
-    command = _command(str(source), str(out), unit_size, "--engine", "ray", "--ray-address", cluster.address)
+    command = _on_cluster(cluster, str(source), str(out), unit_size)
     failed = namespace.run(command)
     assert failed.returncode == 1, failed.stderr
     assert "Traceback" not in failed.stderr
@@ -335,15 +337,7 @@ def test_s3_in_and_out_through_the_cluster(
         put = namespace.run([sys.executable, "-c", copy, str(inputs)], env=env)
         assert put.returncode == 0, put.stderr
         on_ray = namespace.run(
-            _command(
-                "s3://ray-bucket/in/",
-                "s3://ray-bucket/ray",
-                unit_size,
-                "--engine",
-                "ray",
-                "--ray-address",
-                cluster.address,
-            ),
+            _on_cluster(cluster, "s3://ray-bucket/in/", "s3://ray-bucket/ray", unit_size),
             env=env,
         )
         assert on_ray.returncode == 0, on_ray.stderr
@@ -370,9 +364,7 @@ def test_a_node_that_cannot_see_the_data_is_named_and_nothing_starts(
     setup = f"mount -t tmpfs none {inputs} && mount --bind {out} {out} && mount -o remount,bind,ro {out}"
     blind = cluster.add_worker(setup=setup)
     try:
-        command = _command(
-            str(inputs), str(out), unit_size, "--engine", "ray", "--ray-address", cluster.address
-        )
+        command = _on_cluster(cluster, str(inputs), str(out), unit_size)
         result = namespace.run(command)
     finally:
         cluster.kill_worker(blind)  # the module's last test: no need to wait for the head to notice
