@@ -25,9 +25,8 @@ import pytest
 from tests import factories
 from tests.faults.conftest import FaultRecord, fault_rng, trials
 from tests.shardify.helpers import (
-    committed_rows,
     convert_command,
-    local_listing,
+    local_committed_rows,
     output_files,
     read_manifest,
     read_samples,
@@ -69,7 +68,7 @@ def _start(source: Path, out: Path, workers: int, stderr: Path) -> subprocess.Po
 
 
 def _journal_rows(out: Path) -> int:
-    return committed_rows(lambda name: (out / name).read_text(), local_listing(out))
+    return local_committed_rows(out)
 
 
 def _check_visible(out: Path, reference: dict[str, bytes]) -> int:

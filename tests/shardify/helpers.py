@@ -72,9 +72,9 @@ def committed_rows(read: Callable[[str], str | bytes], listing: Callable[[str], 
     return total
 
 
-def local_listing(out: Path) -> Callable[[str], list[str]]:
-    """``listing`` for :func:`committed_rows` on a local output."""
-    return lambda folder: os.listdir(out / folder)
+def local_committed_rows(out: Path) -> int:
+    """:func:`committed_rows` of a conversion running into the local folder ``out``."""
+    return committed_rows(lambda name: (out / name).read_text(), lambda folder: os.listdir(out / folder))
 
 
 def convert_command(source: Path, out: Path, workers: int, per_shard: int) -> list[str]:

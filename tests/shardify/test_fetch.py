@@ -21,8 +21,7 @@ from shardify.convert import ConvertOptions, convert
 from shardify.fetch import FetchOptions
 from tests import factories
 from tests.shardify.helpers import (
-    committed_rows,
-    local_listing,
+    local_committed_rows,
     output_files,
     read_manifest,
     read_samples,
@@ -276,7 +275,7 @@ def test_restart_does_not_fetch_committed_rows(server: ImageServer, tmp_path: Pa
             ConvertOptions(output=str(out), fetch=FAST_FETCH, **shaping),
             on_rows=interrupt_after_20_rows,
         )
-    committed = committed_rows(lambda name: (out / name).read_text(), local_listing(out))
+    committed = local_committed_rows(out)
     assert committed == 16 and not (out / "manifest.json").exists()
 
     before = server.counts()

@@ -12,9 +12,8 @@ import pytest
 
 from tests import factories
 from tests.shardify.helpers import (
-    committed_rows,
     convert_command,
-    local_listing,
+    local_committed_rows,
     output_files,
     read_manifest,
     read_shard,
@@ -67,10 +66,7 @@ def test_killed_conversion_resumes_to_identical_output(slow_input: Path, tmp_pat
         # Kill once the journal has moved past this attempt's mark, plus a random few ms, so the
         # kill lands at an arbitrary point of writing, publishing or journaling.
         mark = 700 * (attempt + 1)
-        while (
-            process.poll() is None
-            and committed_rows(lambda name: (out / name).read_text(), local_listing(out)) < mark
-        ):
+        while process.poll() is None and local_committed_rows(out) < mark:
             time.sleep(0.002)
         time.sleep(rng.uniform(0, 0.05))
         if process.poll() is None:
