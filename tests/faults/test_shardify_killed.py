@@ -67,10 +67,6 @@ def _start(source: Path, out: Path, workers: int, stderr: Path) -> subprocess.Po
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
 
 
-def _journal_rows(out: Path) -> int:
-    return local_committed_rows(out)
-
-
 def _check_visible(out: Path, reference: dict[str, bytes]) -> int:
     """What a reader can see now is whole: every final-named file equals the clean conversion's."""
     if not out.exists():
@@ -107,7 +103,7 @@ def test_shardify_killed_repeatedly_then_completed(
     def note_recovery() -> None:
         """Once the restarted process commits past the kill point, the fault is recovered."""
         nonlocal killed_at
-        if killed_at is not None and _journal_rows(out) > killed_at[1]:
+        if killed_at is not None and local_committed_rows(out) > killed_at[1]:
             fault_record.recovery_s.append(time.monotonic() - killed_at[0])
             killed_at = None
 
@@ -120,13 +116,13 @@ def test_shardify_killed_repeatedly_then_completed(
         if rng.random() < 0.5:
             target_rows, delay = -1, rng.uniform(0.0, 1.2)
         else:
-            target_rows, delay = rng.randrange(_journal_rows(out), ROWS), rng.uniform(0.0, 0.04)
+            target_rows, delay = rng.randrange(local_committed_rows(out), ROWS), rng.uniform(0.0, 0.04)
         deadline = started + 120
         while process.poll() is None and time.monotonic() < deadline:
             note_recovery()
             if target_rows < 0 and time.monotonic() - started >= delay:
                 break
-            if target_rows >= 0 and _journal_rows(out) >= target_rows:
+            if target_rows >= 0 and local_committed_rows(out) >= target_rows:
                 time.sleep(delay)
                 break
             time.sleep(0.005)
@@ -140,7 +136,7 @@ def test_shardify_killed_repeatedly_then_completed(
             continue
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
-        killed_at = (time.monotonic(), _journal_rows(out))
+        killed_at = (time.monotonic(), local_committed_rows(out))
         fault_record.faults += 1
         published.append(_check_visible(out, reference))
         assert published == sorted(published), f"published shards went back: {published}"
