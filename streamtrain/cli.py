@@ -55,7 +55,8 @@ def _claimed_elsewhere(recipe: str, overrides: list[str]) -> str | None:
     the config is validated, and the claim taken, later; anything unclear here is left to them."""
     import yaml
 
-    from streamtrain.train.claim import DEFAULT_LEASE_S, OutputClaim
+    from streamtrain.config import DEFAULT_LEASE_S
+    from streamtrain.train.claim import OutputClaim
 
     try:
         raw = yaml.safe_load(Path(recipe).read_text())

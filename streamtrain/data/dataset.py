@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from shardify.tarread import load_checksums
-from streamtrain.data.mixture import Schedule
+from streamtrain.config.weights import Schedule
 
 
 @dataclass(frozen=True)

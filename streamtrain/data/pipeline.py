@@ -15,12 +15,12 @@ import torch
 from shardify.bytestream import RetryPolicy
 from shardify.format import IMAGE_EXTENSIONS
 from streamtrain.config import DataConfig, EvalConfig, SourceSpec, source_name
+from streamtrain.config.weights import schedule
 from streamtrain.data.dataset import Dataset, Source
 from streamtrain.data.device_decode import finish_batch
 from streamtrain.data.elastic import ElasticStream, Layout
 from streamtrain.data.eval import EvalStream, eval_batches
 from streamtrain.data.loader import ElasticLoader, StreamLoader
-from streamtrain.data.mixture import schedule
 from streamtrain.data.plan import Topology
 from streamtrain.data.sample_log import SampleLog
 from streamtrain.data.shards import DataSourceError, resolve

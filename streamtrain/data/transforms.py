@@ -9,7 +9,6 @@ import random
 import struct
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import soundfile
@@ -17,6 +16,8 @@ import torch
 import torchaudio
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
+
+from streamtrain.config import AudioConfig
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -129,31 +130,6 @@ def vision_transform(
         v2.ToPureTensor(),
     ]
     return v2.Compose(steps)
-
-
-@dataclass(frozen=True)
-class AudioConfig:
-    """How audio bytes become log-mel features."""
-
-    sample_rate: int = 16000
-    """Rate every clip is resampled to before the spectrogram."""
-    n_mels: int = 128
-    """Mel bands."""
-    n_fft: int = 400
-    """FFT window in samples (25 ms at 16 kHz)."""
-    hop_length: int = 160
-    """Samples between frames (10 ms at 16 kHz)."""
-    max_seconds: float = 10.0
-    """Clip length; longer audio is cropped, shorter is zero-padded (and masked)."""
-
-    @property
-    def max_samples(self) -> int:
-        return round(self.max_seconds * self.sample_rate)
-
-    @property
-    def max_frames(self) -> int:
-        """Frames of a ``max_seconds`` clip (Whisper's convention: the last centred frame is dropped)."""
-        return self.max_samples // self.hop_length
 
 
 @functools.lru_cache(maxsize=8)

@@ -24,21 +24,25 @@ from typing import Any
 from streamtrain.errors import UserError
 
 CLAIM_FILE = ".claim.json"
-DEFAULT_LEASE_S = 60.0
-"""train.claim_lease_s unless a recipe sets it."""
 
 
 class OutputInUse(UserError):
     """Another live job holds the output directory."""
 
 
-def _process_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat), telling a reused pid apart."""
+def _process_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state first), or None if unreadable."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return stat.rsplit(")", 1)[1].split()[19]
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat), telling a reused pid apart."""
+    fields = _process_stat(pid)
+    return fields[19] if fields else None
 
 
 def _alive(pid: int, started: str | None) -> bool:
@@ -48,7 +52,14 @@ def _alive(pid: int, started: str | None) -> bool:
         return False
     except PermissionError:
         return True  # exists, owned by another user
-    return started is None or _process_start(pid) in (None, started)
+    fields = _process_stat(pid)
+    if fields is None:
+        return True  # exists, but /proc tells nothing more
+    # A zombie (Z) or dying (X) process has exited; only its parent has not reaped it yet, which in
+    # a container without an init can be late or never. It holds nothing: the claim is stale.
+    if fields[0] in ("Z", "X"):
+        return False
+    return started is None or fields[19] == started
 
 
 class OutputClaim:

@@ -10,13 +10,13 @@ import torch
 
 from shardify.convert import ConvertOptions, convert
 from shardify.tarread import iter_samples
+from streamtrain.config import AudioConfig
 from streamtrain.data.collate import collate_alignment, collate_vlm
 from streamtrain.data.decoders import CaptionDecoder, QADecoder
 from streamtrain.data.loader import StreamLoader
 from streamtrain.data.plan import Topology
 from streamtrain.data.shards import resolve
 from streamtrain.data.stream import ShardStream, StreamConfig
-from streamtrain.data.transforms import AudioConfig
 from tests import factories
 
 

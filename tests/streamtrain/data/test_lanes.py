@@ -10,10 +10,11 @@ from fractions import Fraction
 
 import pytest
 
+from streamtrain.config.weights import schedule, silent_steps, weight_problems
 from streamtrain.data.dataset import ShardInfo, Source
 from streamtrain.data.elastic import Layout, Progress
 from streamtrain.data.lanes import Windows, position_of
-from streamtrain.data.mixture import apportion, schedule, silent_steps, weight_problems
+from streamtrain.data.mixture import apportion
 from streamtrain.data.plan import PlanError
 
 

@@ -10,11 +10,11 @@ import soundfile
 import torch
 from PIL import Image, ImageOps
 
+from streamtrain.config import AudioConfig
 from streamtrain.data import transforms
 from streamtrain.data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
-    AudioConfig,
     decode_image,
     drop_text,
     log_mel,

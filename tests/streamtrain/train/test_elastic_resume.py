@@ -23,7 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from streamtrain.data.mixture import apportion, schedule
+from streamtrain.config.weights import schedule
+from streamtrain.data.mixture import apportion
 from streamtrain.train import checkpoint
 from streamtrain.train.tracking import read_metrics
 from tests.faults.s23_runs import RECIPE, Recipe, recipe
