@@ -38,7 +38,7 @@ setup_env() {
   [[ -x "$VENV/bin/python" ]] || "$uv" venv --quiet --python "$py" "$VENV"
   "$uv" pip sync --quiet --python "$VENV/bin/python" "$LOCK"
   "$uv" pip install --quiet --python "$VENV/bin/python" --no-deps -e "$ROOT"
-  # open_clip's training pipeline fails on webdataset >= 0.2.96 (README, "Reading the shards
+  # open_clip's training pipeline fails on webdataset >= 0.2.96 (docs/converting.md, "Reading the shards
   # elsewhere"); the last version it works with is kept beside the locked one for that test.
   "$uv" pip install --quiet --python "$VENV/bin/python" --no-deps \
     --target "$VENV/compat/webdataset-0.2.86" "webdataset==0.2.86"

@@ -4,7 +4,7 @@ Each scenario runs real processes, injects faults and compares the outcome with 
 uninterrupted reference. In the normal test run every scenario does a reduced number of trials
 (``trials(quick, full)`` returns ``quick``); ``./launch.sh faults`` sets
 ``STREAMTRAIN_FAULTS=full`` for the full counts and ``STREAMTRAIN_FAULT_REPORT`` to a JSONL file
-that ``python -m tests.faults.report`` turns into the README's table.
+that ``python -m tests.faults.report`` turns into the table of docs/faults.md.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def fault_rng(name: str) -> random.Random:
 
 @dataclass
 class FaultRecord:
-    """One scenario's figures, as the README table shows them."""
+    """One scenario's figures, as the table of docs/faults.md shows them."""
 
     scenario: str
     """Short name, e.g. "2. training killed at random steps"."""

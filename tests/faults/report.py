@@ -1,4 +1,4 @@
-"""Render the fault suite's JSONL records as the README's markdown table.
+"""Render the fault suite's JSONL records as the markdown table of docs/faults.md.
 
 python -m tests.faults.report runs/faults/report.jsonl
 """
