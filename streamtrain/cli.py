@@ -78,22 +78,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train" and (holder := _claimed_elsewhere(args.config, args.overrides)):
         print(f"streamtrain: error: {holder}", file=sys.stderr)
         return 2
+    # The recipe is checked before torch and transformers are imported (10-20 s): a mistake in it
+    # is refused in well under a second.
+    from streamtrain.config import ConfigError, load_config
+    from streamtrain.config.models import MODEL_TYPES
+
+    try:
+        config = load_config(args.config, args.overrides, MODEL_TYPES)
+    except ConfigError as exc:
+        print(f"streamtrain: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        print(config.to_yaml(), end="")
+        return 0
     from streamtrain import console
 
     console.quiet_third_party()
 
-    from streamtrain.config import ConfigError, load_config
     from streamtrain.errors import TrainingError, UserError
-    from streamtrain.tasks import TASKS, model_types
+    from streamtrain.tasks import TASKS
     from streamtrain.train.stopping import Stopped
     from streamtrain.train.trainer import Trainer
 
     console.adopt_library_loggers()
     try:
-        config = load_config(args.config, args.overrides, model_types())
-        if args.command == "config":
-            print(config.to_yaml(), end="")
-            return 0
         Trainer(config, TASKS[config.task](config)).fit()
     except ConfigError as exc:
         print(f"streamtrain: {exc}", file=sys.stderr)

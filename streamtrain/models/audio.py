@@ -6,28 +6,12 @@ content is irrelevant) and left out of the masked mean over time.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoModel, PreTrainedModel
 
+from streamtrain.config.models import AudioEncoderConfig
 from streamtrain.errors import UserError
-
-
-@dataclass
-class AudioEncoderConfig:
-    """Which audio encoder to build."""
-
-    kind: Literal["small_conv", "huggingface"] = "small_conv"
-    """small_conv: random-init 1-D convolutions over time; huggingface: a Whisper encoder."""
-    path: str | None = None
-    """huggingface: local directory or hub name of a WhisperModel / WhisperForConditionalGeneration."""
-    width: int = 128
-    """small_conv: channels of every conv layer, and the output dimension."""
-    n_mels: int = 128
-    """Mel bins of the input; must equal a Whisper model's ``num_mel_bins``."""
 
 
 def masked_mean(frames: Tensor, mask: Tensor) -> Tensor:

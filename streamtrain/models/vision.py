@@ -7,9 +7,7 @@ to grid tokens [B, N, output_dim] (``forward_features``), one token per patch or
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import safetensors.torch
 import torch
@@ -18,26 +16,8 @@ import torchvision.models as tvm
 from torch import Tensor, nn
 from transformers import AutoModel, PreTrainedModel
 
+from streamtrain.config.models import VisionConfig
 from streamtrain.errors import UserError
-
-
-@dataclass
-class VisionConfig:
-    """Which image encoder to build."""
-
-    kind: Literal["small_cnn", "torchvision", "huggingface"] = "small_cnn"
-    """small_cnn: a small random-init CNN; torchvision: a torchvision classifier's trunk;
-    huggingface: a ViT-style model loaded with ``AutoModel`` (CLIP, SigLIP, DINOv2, ...)."""
-    name: str = "resnet18"
-    """torchvision architecture (``torchvision.models.list_models(module=torchvision.models)``)."""
-    path: str | None = None
-    """huggingface: local directory or hub name. torchvision: optional weights file, the full
-    classifier's state dict as .safetensors or .pt/.pth (loaded with ``weights_only=True``)."""
-    pretrained: bool = False
-    """torchvision: start from torchvision's default weights, which torchvision downloads on first
-    use and caches under ``$TORCH_HOME`` (so it needs network access once); excludes ``path``."""
-    width: int = 64
-    """small_cnn: channels of the first conv blocks; the last two have twice as many."""
 
 
 class VisionEncoder(nn.Module):

@@ -9,5 +9,5 @@ TASKS: dict[str, type] = {"alignment": AlignmentTask, "vlm_qa": VLMTask}
 
 
 def model_types() -> dict[str, type]:
-    """Task name -> the dataclass of its ``model`` section."""
+    """Task name -> the dataclass of its ``model`` section (``streamtrain.config.models.MODEL_TYPES``)."""
     return {name: task.ModelConfig for name, task in TASKS.items()}

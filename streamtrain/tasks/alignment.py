@@ -9,13 +9,13 @@ a correct match (see streamtrain.metrics for ties and the chance level).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from streamtrain.config import RunConfig
+from streamtrain.config.models import AlignmentModelConfig
 from streamtrain.data.collate import collate_alignment
 from streamtrain.data.decoders import CaptionDecoder
 from streamtrain.distributed import gather_objects, gather_variable
@@ -23,60 +23,12 @@ from streamtrain.errors import UserError
 from streamtrain.losses import LogitScale, matryoshka_info_nce, pick_mrl_dim
 from streamtrain.metrics import retrieval_metrics
 from streamtrain.models.alignment import AlignmentModel
-from streamtrain.models.audio import AudioEncoderConfig, build_audio_encoder
-from streamtrain.models.text import TextConfig, build_text_encoder
-from streamtrain.models.vision import VisionConfig, build_vision_encoder
+from streamtrain.models.audio import build_audio_encoder
+from streamtrain.models.text import build_text_encoder
+from streamtrain.models.vision import build_vision_encoder
 from streamtrain.train.task import Task
 
 KS = (1, 5, 10)
-
-
-@dataclass
-class ContrastiveLossConfig:
-    """The contrastive objective."""
-
-    mrl_dims: list[int] = field(default_factory=lambda: [64, 128, 256])
-    """Matryoshka dims, ascending; the shared embedding has the largest."""
-    sample_single_mrl_dim: bool = False
-    """Compute the loss at one dim per step (drawn from (seed, step)) instead of all of them."""
-    temperature: float = 0.07
-    """Initial softmax temperature."""
-    temperature_mode: Literal["learnable", "fixed"] = "learnable"
-    """learnable: trained (as log inverse temperature), clamped at min_temperature; fixed: constant."""
-    min_temperature: float = 0.01
-    """Lower clamp of a learnable temperature (CLIP's 1/100)."""
-
-    def problems(self) -> list[str]:
-        found = []
-        dims = self.mrl_dims
-        if not dims or any(d < 1 for d in dims) or sorted(set(dims)) != dims:
-            found.append(f"mrl_dims: {dims} must be distinct positive dims in ascending order")
-        if not 0 < self.min_temperature <= self.temperature:
-            found.append(
-                f"temperature: need 0 < min_temperature ({self.min_temperature})"
-                f" <= temperature ({self.temperature})"
-            )
-        return found
-
-
-@dataclass
-class AlignmentModelConfig:
-    """Encoders, projection heads and loss of the alignment phase."""
-
-    vision: VisionConfig | None = field(default_factory=VisionConfig)
-    """Image encoder; null trains audio only."""
-    audio: AudioEncoderConfig | None = None
-    """Audio encoder over log-mel (needs data.audio); null trains images only."""
-    text: TextConfig = field(default_factory=TextConfig)
-    """Text encoder (frozen all-MiniLM-L6-v2 by default)."""
-    projector_hidden_dim: int | None = None
-    """Hidden width of 2-layer MLP projection heads; null uses linear heads."""
-    loss: ContrastiveLossConfig = field(default_factory=ContrastiveLossConfig)
-
-    def problems(self) -> list[str]:
-        if self.vision is None and self.audio is None:
-            return ["vision/audio: at least one media encoder is needed"]
-        return []
 
 
 class AlignmentTask(Task):

@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from streamtrain.config import RunConfig
+from streamtrain.config.models import VLMModelConfig
 from streamtrain.data.collate import IGNORE_INDEX, collate_vlm
 from streamtrain.data.decoders import QADecoder
 from streamtrain.data.transforms import chat_prompt_ids
@@ -38,67 +38,6 @@ from streamtrain.train.task import Task
 
 logger = logging.getLogger(__name__)
 ALIGNMENT_HINT = "train the encoder first: ./launch.sh alignment (it writes runs/alignment/best)"
-
-
-@dataclass
-class VLMModelConfig:
-    """The frozen encoder, the decoder and how it trains, and generation at evaluation."""
-
-    encoder_checkpoint: str = "runs/alignment/best"
-    """Alignment checkpoint folder (config.yaml + model.safetensors), or an alignment run's
-    output_dir (its best/, else its newest complete step). Only its vision encoder is used, frozen."""
-    decoder: str = "runs/sample/tiny-qwen2"
-    """Causal LM: local directory or hub name (e.g. Qwen/Qwen2.5-0.5B-Instruct)."""
-    tokenizer: str | None = None
-    """Tokenizer directory or hub name; the decoder's when unset. Its chat template, if it has one,
-    frames the question."""
-    mode: Literal["qlora", "lora", "full"] = "qlora"
-    """qlora: 4-bit NF4 base (bitsandbytes) + LoRA; lora: base in base_dtype + LoRA;
-    full: every decoder weight trains (small decoders)."""
-    base_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """Frozen base weights (lora) or the 4-bit compute dtype (qlora); auto: bfloat16 on a CUDA GPU
-    that supports it, else float32. Full fine-tuning keeps float32 weights."""
-    double_quant: bool = True
-    """qlora: also quantize the quantization constants (QLoRA's double quantization)."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
-    lora_dropout: float = 0.05
-    """Dropout on the LoRA branch's input."""
-    lora_target_modules: str | list[str] = "all-linear"
-    """Modules given adapters: peft's "all-linear" (every linear layer but the output head),
-    or a list of module names."""
-    gradient_checkpointing: bool = True
-    """Recompute decoder activations in backward (less memory, about a third more compute)."""
-    vision_tokens: int | None = None
-    """Average-pool the encoder's grid to this many tokens (a square number pools in 2-D); null keeps all."""
-    projector: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
-    """Vision projector: Linear-GELU-Linear at the decoder's width (LLaVA-1.5), or one Linear."""
-    max_new_tokens: int = 16
-    """Evaluation: longest greedy answer generated (tokens, end token included)."""
-
-    def problems(self) -> list[str]:
-        found = []
-        if self.lora_r < 1:
-            found.append(f"lora_r: {self.lora_r} must be >= 1")
-        if self.lora_alpha < 1:
-            found.append(f"lora_alpha: {self.lora_alpha} must be >= 1")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            found.append(f"lora_dropout: {self.lora_dropout} is not in [0, 1)")
-        if not self.lora_target_modules:
-            found.append('lora_target_modules: name at least one module, or "all-linear"')
-        if self.vision_tokens is not None and self.vision_tokens < 1:
-            found.append(f"vision_tokens: {self.vision_tokens} must be >= 1 or null")
-        if self.max_new_tokens < 1:
-            found.append(f"max_new_tokens: {self.max_new_tokens} must be >= 1")
-        if self.mode == "full" and self.base_dtype == "bfloat16":
-            found.append(
-                "base_dtype: bfloat16 needs mode qlora or lora (full fine-tuning keeps float32 weights)"
-            )
-        if not self.decoder:
-            found.append("decoder: required (a causal LM directory or hub name)")
-        return found
 
 
 def find_alignment_checkpoint(path: str) -> Path:

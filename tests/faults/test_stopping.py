@@ -307,3 +307,64 @@ def test_a_second_job_is_refused_and_a_dead_jobs_claim_is_taken_over(
     assert compare_log(read_sample_log(dead / SAMPLE_LOG), reference.lines) == diff
     fault_record.trials += 1
     fault_record.survived += 1
+
+
+NON_REAPING_INIT = """\
+import ctypes, subprocess, sys, time
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+subprocess.Popen(sys.argv[1:])
+time.sleep(3600)  # never waits: the orphans it adopts stay zombies, as under a container's init
+"""
+"""A parent that adopts the job's orphaned processes and never reaps them."""
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.scenario(SCENARIO)
+def test_a_job_killed_as_a_tree_whose_ranks_are_left_zombies_restarts_at_once(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, fault_record: FaultRecord
+) -> None:
+    """A node crash or an OOM kill: every process of a two-rank job SIGKILLed at once, in a
+    container whose init reaps late or never, so rank 0 (the claim's holder) stays a zombie.
+    The same command started again at once takes the claim over and resumes exactly."""
+    recipe, _ = prepare(tmp_path_factory, MAX_STEPS)
+    out = tmp_path / "run"
+    args = recipe.args(out)
+    init = subprocess.Popen(
+        [sys.executable, "-c", NON_REAPING_INIT, *command(args, nproc=2)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env(),
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    try:
+        wait_until(lambda: 2 in complete_steps(out) and trained(out) >= 3, init, "step 3", poll_s=0.005)
+        family = psutil.Process(init.pid).children(recursive=True)
+        fault_record.faults += 1
+        with fault_record.recovering():
+            for member in family:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.kill()
+            holder = json.loads((out / CLAIM_FILE).read_text())["pid"]
+            deadline = time.monotonic() + 30
+            while not zombie(holder):
+                assert time.monotonic() < deadline, f"rank 0 (pid {holder}) did not become a zombie"
+                time.sleep(0.05)
+            newest = max(complete_steps(out))
+            restarted = run_job(args, nproc=2)
+        assert zombie(holder), "the holder was reaped before the restart: the scenario did not happen"
+    finally:
+        init.kill()  # its zombies go to the real init, which reaps them
+        init.wait(timeout=30)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert "is in use by another run" not in restarted.stderr
+    assert f"resumed from {out / checkpoint.step_dir_name(newest)}" in restarted.stdout
+    assert log_by_rank(out) == planned_log(args, world_size=2, steps=MAX_STEPS)
+    fault_record.trials += 1
+    fault_record.survived += 1

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -210,3 +212,26 @@ def test_every_mixture_mistake_is_reported_at_once(tmp_path: Path) -> None:
     same = [{"path": "x/train"}, {"path": "y/train"}]
     with pytest.raises(ConfigError, match=r"source names \['train'\] are used more than once"):
         load_config(write(tmp_path, {**base(), "data": {"train": same}}), [], TYPES)
+
+
+def test_the_config_schema_names_every_task_with_its_model_section() -> None:
+    """The model sections checked before torch is imported are the ones the tasks build from."""
+    from streamtrain.config.models import MODEL_TYPES
+    from streamtrain.tasks import model_types
+
+    assert model_types() == MODEL_TYPES
+
+
+def test_a_bad_recipe_is_refused_before_torch_is_imported() -> None:
+    code = (
+        "import sys\n"
+        "from streamtrain.cli import main\n"
+        "status = main(['train', 'configs/alignment.yaml', 'train.max_stepz=3'])\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "sys.exit(status)\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "train.max_stepz: unknown key (did you mean train.max_steps?)" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -77,6 +77,25 @@ def test_a_claim_whose_process_died_on_this_host_is_taken_over_at_once(tmp_path:
     taker.release()
 
 
+def test_a_claim_whose_holder_is_an_unreaped_zombie_is_taken_over_at_once(tmp_path: Path) -> None:
+    """A process that exited but was not reaped yet (state Z) still answers kill(pid, 0)."""
+    child = subprocess.Popen(["sleep", "0"])
+    stat = Path(f"/proc/{child.pid}/stat")
+    deadline = time.monotonic() + 10
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # exited, not waited for
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    started = stat.read_text().rsplit(")", 1)[1].split()[19]
+    try:
+        holder(tmp_path, host=socket.gethostname(), pid=child.pid, process_start=started)
+        taker = OutputClaim(tmp_path, lease_s=3600)
+        taker.acquire()
+        assert json.loads((tmp_path / CLAIM_FILE).read_text())["token"] == taker.token
+        taker.release()
+    finally:
+        child.wait()
+
+
 def test_a_lost_claim_is_noticed_and_not_given_back(tmp_path: Path) -> None:
     claim = OutputClaim(tmp_path, lease_s=0.2)
     claim.acquire()
