@@ -1,13 +1,15 @@
 """Scenario 9: runs stopped, orphaned or doubled — SIGTERM to one rank or to the launcher, the
 launcher SIGKILLed alone, and a second job started on the output_dir of a live one.
 
-- *Two ranks, four lives* (the normal suite): SIGTERM to rank 1 only (on several nodes a signal
+- *Two ranks, five lives* (the normal suite): SIGTERM to rank 1 only (on several nodes a signal
   often reaches some ranks first) — both stop after the same step, one checkpoint holding both
   ranks' data state, exit 143; resumed, SIGTERM to the launcher (``python -m streamtrain.launch``,
   torchrun underneath; what a scheduler sends) — the same; resumed, the launcher alone SIGKILLed
   — its ranks, in sessions of their own, must all be gone within 15 s, the sample log stop
-  growing and the newest checkpoint stay as it was; resumed to the end (taking over the dead
-  job's claim). The sample log must then be the plan's, step for step and rank for rank.
+  growing and the newest checkpoint stay as it was; resumed, every process SIGKILLed at once
+  under a parent that never reaps them (a container without an init), so the claim's holder
+  is a zombie; started again at once and resumed to the end (taking over the dead job's claim).
+  The sample log must then be the plan's, step for step and rank for rank.
 - *One process* (full runs): SIGTERM at a random step between checkpoints → the checkpoint of
   that step, exit 143; the resumed run equals the uninterrupted reference (log, losses, weights).
 - *A second job on a live output_dir* (full runs; the first one frozen with SIGSTOP, so the race
@@ -67,6 +69,53 @@ def command(args: Sequence[str], nproc: int) -> list[str]:
         return [sys.executable, "-m", "streamtrain.cli", *args]
     launcher = ["-m", "streamtrain.launch", "--standalone", "--nproc_per_node", str(nproc)]
     return [sys.executable, *launcher, "-m", "streamtrain.cli", *args]
+
+
+NON_REAPING_INIT = """\
+import ctypes, subprocess, sys, time
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+subprocess.Popen(sys.argv[1:])
+time.sleep(3600)  # never waits: the orphans it adopts stay zombies, as under a container's init
+"""
+"""A parent that adopts the job's orphaned processes and never reaps them."""
+
+
+@contextlib.contextmanager
+def non_reaping_init(args: Sequence[str], nproc: int) -> Iterator[subprocess.Popen[str]]:
+    """The job under a parent that adopts its orphans and never reaps them; killed after."""
+    init = subprocess.Popen(
+        [sys.executable, "-c", NON_REAPING_INIT, *command(args, nproc)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env(),
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    try:
+        yield init
+    finally:
+        with contextlib.suppress(psutil.Error):
+            for member in psutil.Process(init.pid).children(recursive=True):
+                member.kill()
+        init.kill()  # its zombies go to the real init, which reaps them
+        init.wait(timeout=30)
+
+
+def claimed_under(init: subprocess.Popen[str], out: Path) -> bool:
+    """Whether a process of the job under ``init`` holds the output_dir's claim."""
+    try:
+        holder = json.loads((out / CLAIM_FILE).read_text())["pid"]
+        return holder in {p.pid for p in psutil.Process(init.pid).children(recursive=True)}
+    except (OSError, ValueError, KeyError, psutil.Error):
+        return False
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except OSError:
+        return False
 
 
 @contextlib.contextmanager
@@ -198,9 +247,10 @@ def sigterm_and_wait(target: psutil.Process | subprocess.Popen[str], process: su
 def test_two_ranks_stopped_by_one_rank_by_the_launcher_and_orphaned_resume_exactly(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, fault_record: FaultRecord
 ) -> None:
-    """One two-rank run, four lives: SIGTERM to rank 1 only; resumed, SIGTERM to the launcher;
-    resumed, the launcher SIGKILLed alone; resumed to the end. Then the sample log must be the
-    plan's, step for step and rank for rank."""
+    """One two-rank run, five lives: SIGTERM to rank 1 only; resumed, SIGTERM to the launcher;
+    resumed, the launcher SIGKILLed alone; resumed, the whole tree SIGKILLed with its ranks left
+    zombies; started again at once and resumed to the end. Then the sample log must be the plan's,
+    step for step and rank for rank."""
     recipe, _ = prepare(tmp_path_factory, MAX_STEPS)
     out = tmp_path / "run"
     args = recipe.args(out, **NO_CHECKPOINT)
@@ -255,10 +305,32 @@ def test_two_ranks_stopped_by_one_rank_by_the_launcher_and_orphaned_resume_exact
     assert (out / checkpoint.step_dir_name(stopped_again) / checkpoint.MARKER).read_bytes() == marker
     fault_record.survived += 1
 
-    # 4. Resumed to the end (the dead job's claim taken over at once): exactly the plan's samples.
-    finished = run_job(args, nproc=2)
+    # 4. Resumed, then every process of the job SIGKILLed at once (a node crash, an OOM kill) in a
+    # container whose init reaps late or never: rank 0, the claim's holder, stays a zombie.
+    with non_reaping_init(args, nproc=2) as init:
+        wait_until(
+            lambda: claimed_under(init, out) and trained(out) > stopped_again, init, "the claim", poll_s=0.01
+        )
+        fault_record.faults += 1
+        with fault_record.recovering():
+            for member in psutil.Process(init.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    member.kill()
+            holder = json.loads((out / CLAIM_FILE).read_text())["pid"]
+            deadline = time.monotonic() + 30
+            while not zombie(holder):
+                assert time.monotonic() < deadline, f"rank 0 (pid {holder}) did not become a zombie"
+                time.sleep(0.05)
+            newest = max(complete_steps(out))
+
+            # 5. Started again at once: the zombie's claim is taken over; resumed to the end,
+            # exactly the plan's samples.
+            finished = run_job(args, nproc=2)
+        assert zombie(holder), "the holder was reaped before the restart: the scenario did not happen"
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert f"resumed from {out / checkpoint.step_dir_name(stopped_again)}" in finished.stdout
+    assert "is in use by another run" not in finished.stderr
+    assert f"resumed from {out / checkpoint.step_dir_name(newest)}" in finished.stdout
+    fault_record.survived += 1
     # One line per (step, rank), equal to the plan's: nothing lost, nothing repeated.
     assert len(read_sample_log(out / SAMPLE_LOG)) == 2 * MAX_STEPS, "one line per step and rank"
     assert log_by_rank(out) == planned_log(args, world_size=2, steps=MAX_STEPS)
@@ -305,66 +377,5 @@ def test_a_second_job_is_refused_and_a_dead_jobs_claim_is_taken_over(
     diff = assert_matches_reference(dead, reference, MAX_STEPS)
     fault_record.lost, fault_record.repeated = diff.lost, diff.repeated
     assert compare_log(read_sample_log(dead / SAMPLE_LOG), reference.lines) == diff
-    fault_record.trials += 1
-    fault_record.survived += 1
-
-
-NON_REAPING_INIT = """\
-import ctypes, subprocess, sys, time
-ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-subprocess.Popen(sys.argv[1:])
-time.sleep(3600)  # never waits: the orphans it adopts stay zombies, as under a container's init
-"""
-"""A parent that adopts the job's orphaned processes and never reaps them."""
-
-
-def zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except OSError:
-        return False
-
-
-@pytest.mark.scenario(SCENARIO)
-def test_a_job_killed_as_a_tree_whose_ranks_are_left_zombies_restarts_at_once(
-    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, fault_record: FaultRecord
-) -> None:
-    """A node crash or an OOM kill: every process of a two-rank job SIGKILLed at once, in a
-    container whose init reaps late or never, so rank 0 (the claim's holder) stays a zombie.
-    The same command started again at once takes the claim over and resumes exactly."""
-    recipe, _ = prepare(tmp_path_factory, MAX_STEPS)
-    out = tmp_path / "run"
-    args = recipe.args(out)
-    init = subprocess.Popen(
-        [sys.executable, "-c", NON_REAPING_INIT, *command(args, nproc=2)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env(),
-        cwd=ROOT,
-        start_new_session=True,
-    )
-    try:
-        wait_until(lambda: 2 in complete_steps(out) and trained(out) >= 3, init, "step 3", poll_s=0.005)
-        family = psutil.Process(init.pid).children(recursive=True)
-        fault_record.faults += 1
-        with fault_record.recovering():
-            for member in family:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    member.kill()
-            holder = json.loads((out / CLAIM_FILE).read_text())["pid"]
-            deadline = time.monotonic() + 30
-            while not zombie(holder):
-                assert time.monotonic() < deadline, f"rank 0 (pid {holder}) did not become a zombie"
-                time.sleep(0.05)
-            newest = max(complete_steps(out))
-            restarted = run_job(args, nproc=2)
-        assert zombie(holder), "the holder was reaped before the restart: the scenario did not happen"
-    finally:
-        init.kill()  # its zombies go to the real init, which reaps them
-        init.wait(timeout=30)
-    assert restarted.returncode == 0, restarted.stderr[-3000:]
-    assert "is in use by another run" not in restarted.stderr
-    assert f"resumed from {out / checkpoint.step_dir_name(newest)}" in restarted.stdout
-    assert log_by_rank(out) == planned_log(args, world_size=2, steps=MAX_STEPS)
     fault_record.trials += 1
     fault_record.survived += 1
