@@ -13,7 +13,6 @@ from transformers import (
     CLIPConfig,
     CLIPModel,
     CLIPTextConfig,
-    CLIPTextModel,
     CLIPVisionConfig,
     CLIPVisionModel,
     Dinov2Config,
@@ -100,16 +99,6 @@ def siglip_vision_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def dinov2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("dinov2")
     Dinov2Model(Dinov2Config(**TINY_VIT)).save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="session")
-def clip_text_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny CLIPTextModel with its tokenizer in the same directory."""
-    directory = tmp_path_factory.mktemp("clip_text")
-    tokenizer = tiny_clip_tokenizer()
-    CLIPTextModel(tiny_clip_text_config(tokenizer)).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
     return directory
 
 

@@ -85,11 +85,14 @@ def test_in_process_run_trains_evaluates_and_checkpoints(
 
 @pytest.mark.timeout(900)  # a fresh clone JIT-builds DeepSpeed's CPU comm op first (1-4 min here)
 def test_two_process_deepspeed_zero2_saves_and_resumes(
-    digits_shards: dict[str, Path], tmp_path: Path
+    digits_shards: dict[str, Path], clip_text_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "ds"
     common = {
         "train.deepspeed": ROOT / "configs" / "deepspeed" / "zero2.json",
+        # A tiny frozen text tower: what ZeRO-2 does with frozen weights, in a checkpoint of KBs.
+        "model.text.kind": "clip",
+        "model.text.path": clip_text_dir,
         "checkpoint.every_steps": 3,
         "eval.every_steps": 0,
         "data.sample_log": out / "s.jsonl",
