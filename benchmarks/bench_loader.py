@@ -263,7 +263,7 @@ def child_replan(shards: int, ranks: int, workers: int) -> dict:
     layout = Layout((source,), 0, ranks // 2, per_rank * 3, 256)  # another topology and batch
     from streamtrain.data.lanes import Cursor, ShardOrder
 
-    cursor = Cursor.from_dict(source.samples, layout.windows(0), state)
+    cursor = Cursor.from_dict(layout.counts(0), layout.windows(0), state)
     resumed = Progress(3, [cursor])
     resumed.fit(layout)
     taken = resumed.advance(layout, layout.shapes())[0]

@@ -63,6 +63,14 @@ class Layout:
     def windows(self, index: int) -> Windows:
         return Windows(self.seed, self.sources[index].name, self.shuffle_buffer)
 
+    def counts(self, index: int) -> tuple[int, ...]:
+        """Source ``index``'s samples per shard."""
+        return self._counts[index]
+
+    @cached_property
+    def _counts(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(shard.samples for shard in source.shards) for source in self.sources)
+
     def shapes(self) -> list[LevelShape]:
         """How each source is laned on this topology (PlanError when it cannot be)."""
         return list(self._shapes)
@@ -112,7 +120,7 @@ class Progress:
 
     @classmethod
     def start(cls, layout: Layout) -> Progress:
-        cursors = [Cursor(source.samples, layout.windows(i)) for i, source in enumerate(layout.sources)]
+        cursors = [Cursor(layout.counts(i), layout.windows(i)) for i in range(len(layout.sources))]
         progress = cls(0, cursors, [Fraction(0)] * len(cursors))
         progress.fit(layout)
         return progress

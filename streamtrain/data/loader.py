@@ -214,7 +214,10 @@ class StreamLoader:
         self.close()
 
 
-ELASTIC_STATE_VERSION = 2
+ELASTIC_STATE_VERSION = 3
+UNROTATED_STATE_VERSION = 2
+"""Elastic states saved before the remainder rotated: their current epoch leaves out the tail of
+its order, as it did when saved; the epochs after it rotate."""
 
 
 class ElasticLoader:
@@ -427,7 +430,7 @@ class ElasticLoader:
             self.legacy = self.legacy_factory()
             self.legacy.load_state_dict(state)
             return
-        if state.get("version") != ELASTIC_STATE_VERSION:
+        if state.get("version") not in (ELASTIC_STATE_VERSION, UNROTATED_STATE_VERSION):
             raise LoaderStateError(
                 f"data loader state version {state.get('version')!r} is not {ELASTIC_STATE_VERSION}"
             )
@@ -438,12 +441,13 @@ class ElasticLoader:
                 + "; ".join(changed)
                 + "). Resume with the original data, seed and mixture, or start a new run."
             )
+        rotating = state["version"] == ELASTIC_STATE_VERSION
         sources = self.layout.sources
         if len(state["sources"]) != len(sources):
             raise LoaderStateError(f"the saved data has {len(state['sources'])} sources, now {len(sources)}")
         cursors = [
-            Cursor.from_dict(source.samples, self.layout.windows(i), saved)
-            for i, (source, saved) in enumerate(zip(sources, state["sources"], strict=True))
+            Cursor.from_dict(self.layout.counts(i), self.layout.windows(i), saved, rotating)
+            for i, saved in enumerate(state["sources"])
         ]
         progress = Progress(int(state["step"]), cursors, decode_carries(state["carries"]))
         progress.fit(self.layout)

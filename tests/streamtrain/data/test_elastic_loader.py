@@ -4,6 +4,7 @@ per-source counts."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import shutil
@@ -75,7 +76,7 @@ def test_resume_with_other_workers_and_batch_split_gives_the_same_steps(two_sets
     got = _steps(first, 7, 1)
     state = first.state_dict()
     first.shutdown()
-    assert len(json.dumps(state)) < 4096 and state["version"] == 2
+    assert len(json.dumps(state)) < 4096 and state["version"] == 3
     second = _loader(str(big), workers=3, batch=2, accum=4)
     second.load_state_dict(state)
     got += _steps(second, 12, 4)
@@ -159,3 +160,25 @@ def test_a_damaged_shard_is_skipped_counted_and_never_stops_the_epoch(
     assert stats["shard_errors"] >= 1
     assert stats["samples"] + stats["unreadable_samples"] + stats["decode_errors"] == steps * 8
     assert stats["unreadable_samples"] + stats["decode_errors"] <= 10  # at most the damaged shard's samples
+
+
+def test_a_small_source_mixed_in_for_many_epochs_trains_every_one_of_its_samples(two_sets, tmp_path) -> None:
+    big, _ = two_sets
+    rows = factories.caption_rows(20, size=(8, 8))
+    for row in rows:
+        row["sample_id"] = f"tiny-{row['sample_id']}"
+    factories.write_parquet(tmp_path / "tiny.parquet", rows)
+    convert([str(tmp_path / "tiny.parquet")], ConvertOptions(output=str(tmp_path / "tiny")))  # one shard
+    mixture = [
+        SourceSpec(path=str(big), weight=1, name="big"),
+        SourceSpec(path=str(tmp_path / "tiny"), weight=1, name="tiny"),
+    ]
+    loader = _loader(mixture, workers=2, batch=8)
+    # tiny: 4 samples a step on 8 lanes of 2 rounds, so an epoch is 4 steps and leaves 4 out.
+    epochs = [[i for step in _steps(loader, 4, 1) for i in step if i.startswith("tiny")] for _ in range(6)]
+    loader.shutdown()
+    everything = {row["sample_id"] for row in rows}
+    assert all(len(ids) == len(set(ids)) == 16 for ids in epochs)  # each epoch: once each, 4 left out
+    assert len({frozenset(ids) for ids in epochs}) > 1  # not the same 4 every epoch
+    for this, following in itertools.pairwise(epochs):
+        assert set(this) | set(following) == everything
