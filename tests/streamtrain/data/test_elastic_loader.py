@@ -182,3 +182,19 @@ def test_a_small_source_mixed_in_for_many_epochs_trains_every_one_of_its_samples
     assert len({frozenset(ids) for ids in epochs}) > 1  # not the same 4 every epoch
     for this, following in itertools.pairwise(epochs):
         assert set(this) | set(following) == everything
+
+
+def test_steps_are_those_the_loader_gave_before_the_step_ring_and_the_rotating_remainder(two_sets) -> None:
+    """The first epoch of a plain source and of a mixture, micro-batch by micro-batch, as recorded
+    from the loader of 6c741cc (later epochs changed on purpose: the remainder rotates)."""
+    recorded = json.loads((Path(__file__).parent / "recorded_steps.json").read_text())
+    big, small = two_sets
+    mixture = [
+        SourceSpec(path=str(big), weight=1, name="big"),
+        SourceSpec(path=str(small), weight=1, name="small"),
+    ]
+    for name, train in (("plain", str(big)), ("mixture", mixture)):
+        loader = _loader(train, workers=2, batch=4, accum=2)
+        got = [next(loader)["sample_ids"] for _ in range(len(recorded[name]))]
+        loader.shutdown()
+        assert got == recorded[name], name
