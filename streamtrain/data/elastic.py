@@ -32,6 +32,7 @@ from shardify.bytestream import RateLimitedLog, ReadStats, RetryPolicy, ShardRea
 from shardify.tarread import iter_samples
 from streamtrain.data.counts import Decode, count_reads, decode_samples
 from streamtrain.data.dataset import ShardInfo, Source
+from streamtrain.data.handover import Packed, step_rows
 from streamtrain.data.lanes import (
     Cursor,
     Level,
@@ -44,6 +45,7 @@ from streamtrain.data.lanes import (
 )
 from streamtrain.data.mixture import apportion
 from streamtrain.data.plan import PlanError, derive_seed
+from streamtrain.data.ring import RingControl, RingWriter
 from streamtrain.data.stream import StreamConfig
 
 log = logging.getLogger(__name__)
@@ -175,6 +177,8 @@ class ElasticStream(IterableDataset):
         self.retry = retry
         self.shapes = layout.shapes()
         self.start = Progress.start(layout)
+        self.control: RingControl | None = None
+        """Set by the loader before its workers start: how they reach its step ring."""
 
     def fingerprint(self) -> str:
         """Identifies the sources, their shards and weights; a resumed run refuses others."""
@@ -207,21 +211,30 @@ class _WorkerReader:
 
     def steps(self) -> Iterator[tuple[int, Packed, dict[str, int]]]:
         progress = self.stream.start.copy()
+        in_worker = get_worker_info() is not None
+        writer = RingWriter(self.stream.control) if in_worker and self.stream.control is not None else None
+        rank, seed = self.stream.rank, self.stream.settings.seed
         while True:
             taken = progress.advance(self.layout, self.stream.shapes)
             counts: Counter[str] = Counter()
-            slots: list[tuple[int, Any]] = []
+            samples: list[tuple[int, Any]] = []
             slot = 0
             with torch.random.fork_rng(devices=[]):
-                for index, samples in enumerate(taken):
-                    for where in samples:
+                for index, samples_taken in enumerate(taken):
+                    for where in samples_taken:
                         if where.t % _lanes_per_rank(where) % self.stream.readers == self.worker:
-                            slots.append((slot, self._sample(index, where, counts)))
+                            samples.append((slot, self._sample(index, where, counts)))
                         slot += 1
             for index, cursor in enumerate(progress.cursors):
                 self._forget_finished(index, cursor)
             count_reads(self.read_stats, counts)
-            yield progress.step, Packed.of(slots, in_worker=get_worker_info() is not None), dict(counts)
+            rows = step_rows(seed, progress.step, rank, self.layout.per_rank)
+            placed = [(rows[slot], sample) for slot, sample in samples]
+            ring = writer.current() if writer is not None and placed else None
+            if ring is not None and not writer.wait_for_slot(ring, progress.step):  # type: ignore[union-attr]
+                return  # the loader is stopping
+            packed = Packed.of(placed, in_worker, ring, progress.step)
+            yield progress.step, packed, dict(counts)
 
     def _sample(self, index: int, where: Taken, counts: Counter[str]) -> Any:
         source = self.layout.sources[index]
@@ -358,66 +371,3 @@ class _Lane:
             stats=self.owner.read_stats,
             checksums=shard.member_checksums(),
         )
-
-
-@dataclass
-class Packed:
-    """One worker's samples of a step, with each tensor field gathered into one tensor.
-
-    Handing a step's samples to the main process one tensor each costs a shared-memory segment
-    per tensor; gathered, it is one per field: fields of one shape are stacked, 1-D fields of
-    differing lengths (undecoded image bytes) are laid end to end. The main process takes them
-    apart as views.
-    """
-
-    slots: list[int]
-    stacked: dict[str, torch.Tensor]
-    rest: list[Any]
-    """Per slot: the sample's other fields (a dict), or the sample itself when not a dict."""
-    lengths: dict[str, list[int]] = field(default_factory=dict)
-    """Per field laid end to end: each sample's length."""
-
-    @classmethod
-    def of(cls, slots: list[tuple[int, Any]], in_worker: bool) -> Packed:
-        kept = [(slot, sample) for slot, sample in slots if sample is not None]
-        samples = [sample for _, sample in kept]
-        stacked: dict[str, torch.Tensor] = {}
-        lengths: dict[str, list[int]] = {}
-        if samples and all(isinstance(sample, dict) for sample in samples):
-            for key, value in samples[0].items():
-                if not isinstance(value, torch.Tensor):
-                    continue
-                values = [sample.get(key) for sample in samples]
-                if not all(isinstance(v, torch.Tensor) and v.dtype == value.dtype for v in values):
-                    continue
-                if all(v.shape == value.shape for v in values):
-                    stacked[key] = _gathered(values, (len(values), *value.shape), torch.stack, in_worker)
-                elif all(v.dim() == 1 for v in values):
-                    total = (sum(len(v) for v in values),)
-                    stacked[key] = _gathered(values, total, torch.cat, in_worker)
-                    lengths[key] = [len(v) for v in values]
-            rest = [{k: v for k, v in sample.items() if k not in stacked} for sample in samples]
-        else:
-            rest = samples
-        return cls([slot for slot, _ in kept], stacked, rest, lengths)
-
-    def items(self) -> list[tuple[int, Any]]:
-        """``(slot, sample)`` pairs again; gathered fields come back as views of one tensor."""
-        if not self.stacked:
-            return list(zip(self.slots, self.rest, strict=True))
-        fields: dict[str, Sequence[torch.Tensor]] = {}
-        for key, tensor in self.stacked.items():
-            fields[key] = tensor.split(self.lengths[key]) if key in self.lengths else tensor.unbind()
-        return [
-            (slot, {**rest, **{key: parts[row] for key, parts in fields.items()}})
-            for row, (slot, rest) in enumerate(zip(self.slots, self.rest, strict=True))
-        ]
-
-
-def _gathered(
-    values: list[torch.Tensor], shape: tuple[int, ...], gather: Any, in_worker: bool
-) -> torch.Tensor:
-    out = torch.empty(shape, dtype=values[0].dtype)
-    if in_worker:  # straight into shared memory, as default_collate does in a worker
-        out.share_memory_()
-    return gather(values, out=out)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import random
 import signal
 import weakref
 from collections import Counter, deque
@@ -17,10 +16,11 @@ from torch.utils.data import DataLoader
 from streamtrain.data.ahead import Ahead
 from streamtrain.data.counts import Collate
 from streamtrain.data.device_decode import finish_batch
-from streamtrain.data.elastic import ElasticStream, Layout, Packed, Progress
+from streamtrain.data.elastic import ElasticStream, Layout, Progress
+from streamtrain.data.handover import Packed
 from streamtrain.data.lanes import Cursor
 from streamtrain.data.mixture import decode_carries, encode_carries
-from streamtrain.data.plan import derive_seed
+from streamtrain.data.ring import RingControl, RingLayout, StepRing, slots_for
 from streamtrain.data.sample_log import SampleLog
 from streamtrain.data.stream import ShardStream
 from streamtrain.errors import UserError
@@ -265,6 +265,9 @@ class ElasticLoader:
         self._next_progress: Progress | None = None
         self._iterator: Iterator[tuple[int, Packed, dict[str, int]]] | None = None
         self._ahead: Ahead[_Step] | None = None
+        self._control: RingControl | None = None
+        self._ring: StepRing | None = None
+        self._ring_sized = False
 
     @property
     def read_stats(self) -> Counter[str]:
@@ -319,6 +322,8 @@ class ElasticLoader:
 
     def _start(self) -> None:
         self.stream.start = self.progress.copy()
+        self._control = self.stream.control = RingControl() if self.stream.num_workers else None
+        self._ring_sized = False
         self._iterator = _endless(self.stream, self.stream.num_workers, self)
         _RUNNING.add(self)
         if self.decode_device is not None:  # decoding in this process: one step ahead, in a thread
@@ -334,6 +339,8 @@ class ElasticLoader:
     def _next_step(self) -> None:
         if self._iterator is None:
             self._start()
+        if self._control is not None:  # the step before the last one handed out is done with
+            self._control.release(self.progress.step - 1)
         step = self._ahead.take() if self._ahead is not None else self._read_step(self.progress)
         self._read_stats.update(step.counts)
         self._pending.extend(step.batches)
@@ -347,24 +354,25 @@ class ElasticLoader:
         progress = after.copy()
         progress.advance(self.layout, self.stream.shapes)
         counts: Counter[str] = Counter()
-        slots: list[Any] = [None] * self.layout.per_rank
+        parts = []
         for _ in range(self.stream.readers):
-            step, items, read = next(self._iterator)
+            step, packed, read = next(self._iterator)
             if step != progress.step:
                 raise RuntimeError(f"data worker sent step {step} where step {progress.step} was due")
-            for slot, sample in items.items():
-                slots[slot] = sample
+            parts.append(packed)
             counts.update(read)
+        rows: list[Any] = [None] * self.layout.per_rank
+        for packed in parts:
+            for row, sample in packed.items(self._ring, progress.step):
+                rows[row] = sample
+        if not self._ring_sized and self._control is not None:
+            self._size_ring([sample for sample in rows if sample is not None])
         dropped = sum(c.dropped for c in progress.cursors) - sum(c.dropped for c in after.cursors)
         if dropped and self.stream.rank == 0:  # the same on every rank: counted once
             counts["dropped_samples"] += dropped
-        order = list(range(len(slots)))
-        random.Random(
-            derive_seed("step-order", self.stream.settings.seed, progress.step, self.stream.rank)
-        ).shuffle(order)
         made = _Step(progress, counts)
         for micro in range(self.batches_per_step):
-            chunk = [slots[k] for k in order[micro * self.batch_size : (micro + 1) * self.batch_size]]
+            chunk = rows[micro * self.batch_size : (micro + 1) * self.batch_size]
             samples = [sample for sample in chunk if sample is not None]
             batch = None
             if samples:
@@ -376,6 +384,15 @@ class ElasticLoader:
             made.batches.append(batch)
         return made
 
+    def _size_ring(self, samples: list[Any]) -> None:
+        """Make the step ring, sized for the samples of the first step read (ring.py)."""
+        assert self._control is not None
+        self._ring_sized = True
+        slots = slots_for(self.prefetch_factor)
+        layout = RingLayout.of(samples, self.layout.per_rank, slots)
+        if layout is not None:
+            self._ring = StepRing.create(layout, self._control, self.pin_memory)
+
     def close(self) -> None:
         """Stop the workers now (a later ``next()`` starts them again at the current position)."""
         if self.legacy is not None:
@@ -383,8 +400,12 @@ class ElasticLoader:
         if self._ahead is not None:
             self._ahead.close()
             self._ahead = None
+        if self._control is not None:  # workers waiting for a slot stop waiting
+            self._control.stop()
         stop_workers(self._iterator)
-        self._iterator = None
+        if self._ring is not None:
+            self._ring.close()
+        self._iterator, self._control, self._ring = None, None, None
         self._pending.clear()
         self._next_progress = None
         _RUNNING.discard(self)
