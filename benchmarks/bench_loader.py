@@ -51,11 +51,9 @@ from streamtrain.data.decoders import CaptionDecoder  # noqa: E402
 from streamtrain.data.device_decode import finish_batch  # noqa: E402
 from streamtrain.data.elastic import Layout, Progress  # noqa: E402
 from streamtrain.data.lanes import Windows, position_of  # noqa: E402
-from streamtrain.data.loader import ElasticLoader, StreamLoader  # noqa: E402
+from streamtrain.data.loader import ElasticLoader  # noqa: E402
 from streamtrain.data.pipeline import resolve_sources, train_loader  # noqa: E402
-from streamtrain.data.plan import Topology  # noqa: E402
 from streamtrain.data.shards import resolve  # noqa: E402
-from streamtrain.data.stream import ShardStream, StreamConfig  # noqa: E402
 from streamtrain.data.transforms import decode_image, vision_transform  # noqa: E402
 from tests import factories  # noqa: E402
 
@@ -170,13 +168,6 @@ def tree_cpu_s() -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def fixed_loader(shards: str, workers: int, batch: int, decoder: CaptionDecoder) -> StreamLoader:
-    """The fixed-topology loader of earlier versions (state version 1)."""
-    topology = Topology(world_size=1, rank=0, num_workers=workers, batch_size=batch)
-    config = StreamConfig(seed=0, shuffle_buffer=256)
-    return StreamLoader(ShardStream(resolve(shards), topology, decoder, collate_alignment, config))
-
-
 def stream_loader(
     train: Any, workers: int, batch: int, decoder: CaptionDecoder, decode_device: torch.device | None = None
 ) -> ElasticLoader:
@@ -239,11 +230,6 @@ def child_bytes(shards: str, workers: int, samples: int) -> dict:
     return {**result, "device": device.type}
 
 
-def child_fixed(shards: str, workers: int, samples: int) -> dict:
-    loader = fixed_loader(shards, workers, BATCH, CaptionDecoder(image_size=224, train=True))
-    return time_batches(loader, workers, samples, lambda b: len(b["sample_ids"]))
-
-
 def child_mixture(shards: str, workers: int, samples: int, parts: int) -> dict:
     train = mixture(shards, parts)
     loader = stream_loader(train, workers, BATCH, CaptionDecoder(image_size=224, train=True))
@@ -284,7 +270,7 @@ def child_replan(shards: int, ranks: int, workers: int) -> dict:
 def child_webdataset(shards: str, workers: int, samples: int) -> dict:
     urls = [shard.url for shard in resolve(shards).shards]
     transform = vision_transform(224, train=True)
-    # repeat(): an endless stream like StreamLoader's, so no epoch-end stall lands in the timing.
+    # repeat(): an endless stream like streamtrain's, so no epoch-end stall lands in the timing.
     pipeline = (
         wds.WebDataset(urls, shardshuffle=False)
         .decode("pil")
@@ -433,7 +419,7 @@ def run_child(*args: str) -> dict:
 def child_main(argv: list[str]) -> None:
     mode, shards, *numbers = argv
     measure = {"streamtrain": child_streamtrain, "webdataset": child_webdataset, "limit": child_limit}
-    measure |= {"resume": child_resume, "rss": child_rss, "fixed": child_fixed, "mixture": child_mixture}
+    measure |= {"resume": child_resume, "rss": child_rss, "mixture": child_mixture}
     measure |= {"bytes": child_bytes, "mosaic": child_mosaic, "litdata": child_litdata}
     if mode == "replan":
         result = child_replan(int(shards), *map(int, numbers))
@@ -493,7 +479,6 @@ def main() -> None:
         results: dict = {"workers": k, "samples": n, "cpus": cores, "batch": BATCH}
         print("measuring throughput ...", file=sys.stderr)
         results["streamtrain"] = best_of(args.repeats, "streamtrain", photos, str(k), str(n))
-        results["fixed"] = best_of(args.repeats, "fixed", photos, str(k), str(n))
         results["webdataset"] = best_of(args.repeats, "webdataset", photos, str(k), str(n))
         if args.peers:
             print("converting the photos to MDS and litdata ...", file=sys.stderr)
@@ -562,8 +547,6 @@ def report(r: dict) -> None:
     )
     print("|---|---:|---:|---:|---:|---:|---|")
     rows = [("streamtrain (elastic lanes, step ring)", r["streamtrain"], stream)]
-    if "fixed" in r:
-        rows.append(("streamtrain fixed-topology loader (version 1)", r["fixed"], rate(r["fixed"])))
     rows.append(("webdataset: decode('pil') + same transform", r["webdataset"], plain))
     for peer, label in (("mosaic", "Mosaic streaming 0.13 (MDS)"), ("litdata", "litdata 0.2.76")):
         if peer in r:
@@ -579,9 +562,6 @@ def report(r: dict) -> None:
         )
     collate_ms = 1000 * lim["collate_seconds"] / lim["samples"]
     goals = [f"streamtrain / webdataset = {stream / plain:.2f} (>= 1.4: {stream / plain >= 1.4})"]
-    if "fixed" in r:
-        fixed = stream / rate(r["fixed"])
-        goals.append(f"streamtrain / fixed-topology = {fixed:.2f} (>= 1.0: {fixed >= 1.0})")
     peers = [rate(r[p]) for p in ("mosaic", "litdata") if p in r]
     if peers:
         goals.append(

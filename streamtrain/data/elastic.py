@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shardify.bytestream import RateLimitedLog, ReadStats, RetryPolicy, ShardReadError
-from shardify.tarread import iter_samples
+from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES, iter_samples
 from streamtrain.data.counts import Decode, count_reads, decode_samples
 from streamtrain.data.dataset import ShardInfo, Source
 from streamtrain.data.handover import Packed, step_rows
@@ -37,18 +37,32 @@ from streamtrain.data.lanes import (
     Cursor,
     Level,
     LevelShape,
+    PlanError,
     ShardOrder,
     Taken,
     Windows,
+    derive_seed,
     lanes_per_rank,
     level_of,
 )
 from streamtrain.data.mixture import apportion
-from streamtrain.data.plan import PlanError, derive_seed
 from streamtrain.data.ring import RingControl, RingWriter
-from streamtrain.data.stream import StreamConfig
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Order and robustness settings of a stream."""
+
+    seed: int = 0
+    """Shard order, sample order and augmentations are pure functions of it (and the topology)."""
+    shuffle_buffer: int = 256
+    """Samples per shuffle window (undecoded bytes held per rank and source, over its lanes)."""
+    warn_every_s: float = 30.0
+    """At most one warning per this many seconds per worker for read-time failures."""
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    """A sample with a larger tar member is skipped unread (counted as ``oversized_samples``)."""
 
 
 @dataclass(frozen=True)
@@ -206,7 +220,8 @@ class _WorkerReader:
         self.read_stats = ReadStats()
         self.lanes: dict[tuple[int, int, int, int], _Lane] = {}
         self.orders: dict[tuple[int, int], ShardOrder] = {}
-        self.failed: set[tuple[int, int, str]] = set()
+        self.failed: dict[tuple[int, int, str], int] = {}
+        """Per (source, epoch, shard): where reading it failed; what lies before is still read."""
         self.mixed = len(self.layout.sources) > 1
 
     def steps(self) -> Iterator[tuple[int, Packed, dict[str, int]]]:
@@ -330,13 +345,16 @@ class _Lane:
     def _read(self, shard: ShardInfo, lo: int, hi: int, base: int, order: ShardOrder) -> None:
         """Samples ``[lo, hi)`` of ``shard`` into the buffer, keyed by epoch-order position."""
         failed_key = (self.index, self.epoch, shard.url)
-        if failed_key in self.owner.failed:
+        failed_at = self.owner.failed.get(failed_key, shard.samples)
+        if failed_at <= lo:  # a shard that failed is not retried this epoch
             self.counts["unreadable_samples"] += hi - lo
             return
+        stop = min(hi, failed_at)
+        self.counts["unreadable_samples"] += hi - stop
         position = lo
         try:
             samples = self._reader(shard, lo)
-            while position < hi:
+            while position < stop:
                 raw = next(samples)
                 if shard.broken and raw["__key__"] in shard.broken:
                     raw = None  # still a sample of the count, so positions stay those of the manifest
@@ -344,7 +362,7 @@ class _Lane:
                 self.buffer[base + position] = raw
                 position += 1
                 self.open = (shard.url, position, samples)
-            if hi == shard.samples and next(samples, None) is not None:
+            if stop == shard.samples and next(samples, None) is not None:
                 self.counts["shard_errors"] += 1
                 self.owner.warnings.warn(
                     f"{shard.url} holds more samples than the {shard.samples} its manifest lists; "
@@ -352,9 +370,12 @@ class _Lane:
                 )
         except (ShardReadError, StopIteration) as exc:
             self.open = None
-            self.owner.failed.add(failed_key)
+            # The shard ended early, or broke past this piece's start: what lies before is still
+            # read by other lanes. One that failed at once (missing, unreachable) is given up.
+            ended = isinstance(exc, StopIteration) or position > lo
+            self.owner.failed[failed_key] = min(failed_at, position if ended else 0)
             self.counts["shard_errors"] += 1
-            self.counts["unreadable_samples"] += hi - position
+            self.counts["unreadable_samples"] += stop - position
             problem = exc if isinstance(exc, ShardReadError) else "fewer samples than its manifest says"
             self.owner.warnings.warn(f"skipping the rest of {shard.url}: {problem}")
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from streamtrain.data.plan import derive_seed
+from streamtrain.data.lanes import derive_seed
 from streamtrain.data.ring import StepRing
 
 

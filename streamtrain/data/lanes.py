@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import itertools
 import random
 from collections.abc import Sequence
@@ -47,7 +48,17 @@ from functools import cached_property
 
 import numpy as np
 
-from streamtrain.data.plan import PlanError, derive_seed
+from streamtrain.errors import UserError
+
+
+class PlanError(UserError):
+    """The data cannot be split as asked (e.g. fewer samples than one batch per rank)."""
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 64-bit seed from any parts (Python's hash() is salted per process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 @dataclass(frozen=True)

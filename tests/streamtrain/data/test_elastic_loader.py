@@ -1,6 +1,6 @@
 """The elastic loader in process: resume with other workers or batch splits, small versioned
-state, refusals of other data, version-1 states through the fixed-topology loader, and a mixture's
-per-source counts."""
+state, refusals of other data and of version-1 states, a mixture's per-source counts, the
+rotating remainder, and the steps recorded before the step ring."""
 
 from __future__ import annotations
 
@@ -104,20 +104,15 @@ def test_a_state_for_other_data_or_another_seed_is_refused(two_sets) -> None:
         _loader(mixture).load_state_dict(state)
 
 
-def test_a_version_1_state_resumes_through_the_fixed_topology_loader(two_sets) -> None:
+def test_a_version_1_state_is_refused_naming_the_release_that_resumes_it(two_sets) -> None:
     big, _ = two_sets
-    legacy = _loader(str(big)).legacy_factory()  # the loader earlier versions used
-    before = [next(legacy)["sample_ids"] for _ in range(3)]
-    state = legacy.state_dict()
-    after = [next(legacy)["sample_ids"] for _ in range(4)]
-    legacy.shutdown()
-    assert state["version"] == 1 and before
-
-    resumed = _loader(str(big))
-    resumed.load_state_dict(state)
-    assert [next(resumed)["sample_ids"] for _ in range(4)] == after
-    assert resumed.state_dict()["version"] == 1  # it goes on saving what it resumed from
-    resumed.shutdown()
+    # What the fixed-topology loader of earlier versions saved after 3 batches.
+    state = {"version": 1, "seed": 0, "world_size": 1, "num_workers": 0, "batch_size": 4, "batches": 3}
+    with pytest.raises(LoaderStateError) as refused:
+        _loader(str(big)).load_state_dict(state)
+    message = str(refused.value)
+    assert "\n" not in message and "fixed-topology loader" in message
+    assert "resume it with streamtrain 6c741cc" in message
 
 
 def test_a_mixture_counts_each_source_and_cycles_the_small_one(two_sets) -> None:

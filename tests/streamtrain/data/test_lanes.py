@@ -14,9 +14,8 @@ import pytest
 from streamtrain.config.weights import schedule, silent_steps, weight_problems
 from streamtrain.data.dataset import ShardInfo, Source
 from streamtrain.data.elastic import Layout, Progress
-from streamtrain.data.lanes import Cursor, ShardOrder, Windows, position_of
+from streamtrain.data.lanes import Cursor, PlanError, ShardOrder, Windows, position_of
 from streamtrain.data.mixture import apportion
-from streamtrain.data.plan import PlanError
 
 
 def _sources(sizes: list[int], weights: list | None = None, shard: int = 37) -> tuple[Source, ...]:
