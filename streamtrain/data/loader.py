@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import logging
 import signal
 import weakref
 from collections import Counter, deque
@@ -23,6 +24,8 @@ from streamtrain.data.mixture import decode_carries, encode_carries
 from streamtrain.data.ring import RingControl, RingLayout, StepRing, slots_for
 from streamtrain.data.sample_log import SampleLog
 from streamtrain.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # Loaders with running workers. Infinite dataloader workers never finish on their own, and an
 # interpreter that exits with them alive can hang in DataLoader's finaliser (seen under
@@ -249,10 +252,19 @@ class ElasticLoader:
         """Make the step ring, sized for the samples of the first step read (ring.py)."""
         assert self._control is not None
         self._ring_sized = True
-        slots = slots_for(self.prefetch_factor)
+        slots = slots_for(self.prefetch_factor, ahead=self.decode_device is not None)
         layout = RingLayout.of(samples, self.layout.per_rank, slots)
-        if layout is not None:
+        if layout is None:
+            return
+        try:
             self._ring = StepRing.create(layout, self._control, self.pin_memory)
+        except OSError as exc:
+            log.warning(
+                "no room for the loader's step ring (%.0f MB of shared memory: %s); handing steps "
+                "over without it, with a copy each",
+                layout.slot_bytes * layout.slots / 2**20,
+                exc,
+            )
 
     def close(self) -> None:
         """Stop the workers now (a later ``next()`` starts them again at the current position)."""

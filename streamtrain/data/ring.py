@@ -19,14 +19,18 @@ maps once, and the main process hands each micro-batch out as a view of its buff
   a view (``collate.stack``) when no sample of it is missing.
 - **Recycling**: step ``s`` goes to slot ``s % slots``. The loader releases a step once it starts
   the step after the next (the batches of the step just before stay valid); a worker waits to
-  write step ``s`` until step ``s - slots`` is released. There are ``slots = prefetch + 4`` slots,
-  enough for the step being trained, the one before it, the step decoded ahead (device decoding)
-  and the workers' prefetch, so a worker waits only when it is that far ahead.
+  write step ``s`` until step ``s - slots`` is released. There are ``prefetch + 2`` slots
+  (``+ 4`` with device decoding's step-ahead thread), enough for the step being trained, the one
+  before it, those read ahead and the workers' prefetch, so a worker waits only when it is that
+  far ahead. Where shared memory has no room for the ring, the loader warns once and hands steps
+  over the ordinary way.
 - **Pinned** where training is on a GPU: the main process registers the ring's pages with CUDA
   once, so copies of its batches to the device are asynchronous DMA.
 
-The ring lives in a file under ``/dev/shm`` (a temporary directory elsewhere) that the workers map
-by name; the loader removes it when it stops its workers.
+The ring lives in a file under ``/dev/shm`` (a temporary directory elsewhere). On Linux its name is
+removed at once and the workers open it through the loader's descriptor (``/proc/PID/fd/N``), so
+nothing is left behind even when the loader is killed; elsewhere the loader removes it when it stops
+its workers, and at exit.
 """
 
 from __future__ import annotations
@@ -198,19 +202,39 @@ class StepRing:
             for slot in range(layout.slots)
         ]
         self.pinned = False
+        self.fd: int | None = None
+        """The loader's descriptor of the file (workers open the ring through it)."""
 
     @classmethod
     def create(cls, layout: RingLayout, control: RingControl, pin: bool) -> StepRing:
-        """Make the ring's file, map it, and announce it to the workers."""
+        """Make the ring's file, map it, and announce it to the workers.
+
+        OSError when there is no room for it: the space is taken up front, because a mapped
+        page that cannot be backed later kills the process that touches it (SIGBUS).
+        """
         folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
         path = folder / f"streamtrain-ring-{os.getpid()}-{next(_SERIAL)}"
-        with path.open("wb") as file:
-            file.truncate(layout.slot_bytes * layout.slots)
         _RINGS.add(path)
-        ring = cls(path, layout, control.generation + 1)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, layout.slot_bytes * layout.slots)
+            ring = cls(path, layout, control.generation + 1)
+        except OSError:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            _RINGS.discard(path)
+            raise
+        ring.fd = fd
+        by_fd = Path(f"/proc/{os.getpid()}/fd/{fd}")
+        if by_fd.exists():
+            # Workers open it through this process's descriptor, so the name can go now: a
+            # process killed outright leaves nothing behind in /dev/shm.
+            path.unlink()
+            _RINGS.discard(path)
+            ring.path = by_fd
         if pin and torch.cuda.is_available():
             ring._pin()
-        control.announce(path, layout)
+        control.announce(ring.path, layout)
         return ring
 
     def _field_view(self, slot: int, field: RingField) -> torch.Tensor:
@@ -254,14 +278,18 @@ class StepRing:
         }
 
     def close(self) -> None:
-        """Unmap here and remove the file (views already handed out keep their memory)."""
+        """Let go of the ring here (views already handed out keep their memory)."""
         if self.pinned:
             with contextlib.suppress(Exception):
                 torch.cuda.cudart().cudaHostUnregister(self.memory.data_ptr())
             self.pinned = False
-        with contextlib.suppress(OSError):
-            self.path.unlink()
-        _RINGS.discard(self.path)
+        if self.fd is not None:
+            if not str(self.path).startswith("/proc/"):
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+                _RINGS.discard(self.path)
+            os.close(self.fd)
+            self.fd = None
 
 
 class RingWriter:
@@ -291,10 +319,10 @@ class RingWriter:
         return not self.control.stopping
 
 
-def slots_for(prefetch_factor: int) -> int:
-    """Slots a ring needs: the step trained, the one before it, one decoded ahead, the one being
-    read, and the workers' prefetch."""
-    return prefetch_factor + 4
+def slots_for(prefetch_factor: int, ahead: bool) -> int:
+    """Slots a ring needs: the step trained and the one before it, the workers' prefetch, and
+    with a step-ahead thread (device decoding) the two steps it holds and reads."""
+    return prefetch_factor + (4 if ahead else 2)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -4,6 +4,7 @@ and the ring's file goes with the loader."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -74,13 +75,13 @@ def test_steps_through_the_ring_equal_those_read_in_process(photos, on_device: b
     got = _batches(loader, 23)
     last = next(loader)
     ring = loader._ring
-    assert ring is not None and ring.path.exists()
+    assert ring is not None and ring.path.exists()  # open through the loader's descriptor ...
+    assert not list(Path("/dev/shm").glob(f"streamtrain-ring-{os.getpid()}-*"))  # ... its name gone
     if not on_device:  # the micro-batch is rows of the ring, not a copy
         start = ring.memory.data_ptr()
         assert start <= last["image"].data_ptr() < start + ring.memory.numel()
     got.append(last)
     loader.shutdown()
-    assert not ring.path.exists()  # the ring's file goes with the workers
     for want, have in zip(expected, got, strict=True):
         assert want["sample_ids"] == have["sample_ids"]
         assert torch.equal(want["image"], have["image"])
@@ -149,3 +150,20 @@ def test_rows_are_the_places_of_the_shuffled_step() -> None:
     order = step_order(3, 17, 1, 12)
     rows = step_rows(3, 17, 1, 12)
     assert sorted(order) == list(range(12)) and [order[rows[slot]] for slot in range(12)] == list(range(12))
+
+
+def test_without_room_for_the_ring_steps_come_the_ordinary_way(photos, monkeypatch, caplog) -> None:
+    a, _ = photos
+
+    def full(fd: int, offset: int, size: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("streamtrain.data.ring.os.posix_fallocate", full)
+    in_process = _loader(str(a), 0)
+    expected = _batches(in_process, 8)
+    in_process.shutdown()
+    loader = _loader(str(a), 2)
+    got = _batches(loader, 8)
+    assert loader._ring is None and "no room for the loader's step ring" in caplog.text
+    loader.shutdown()
+    assert all(torch.equal(w["image"], h["image"]) for w, h in zip(expected, got, strict=True))
