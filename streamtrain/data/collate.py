@@ -131,6 +131,40 @@ def _stack(samples: list[dict], key: str, sample_ids: list[str]) -> torch.Tensor
             (sample_id, tuple(tensor.shape)) for sample_id, tensor in zip(sample_ids, tensors, strict=True)
         ]
         raise ValueError(f"cannot stack {key!r}: shapes differ across the batch: {by_id[:8]}")
+    return stack(tensors)
+
+
+def stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)``, as a view without a copy when they already lie as consecutive,
+    equally spaced rows of one buffer (a micro-batch in the loader's step ring, ring.py).
+
+    A view shares its buffer: the loader's ring reuses it two steps later, so a batch kept
+    longer than that must be copied (``.clone()``).
+    """
+    view = _rows_view(tensors)
+    if view is not None:
+        return view
     # default_collate stacks straight into shared memory inside a dataloader worker, saving the
     # copy that sending an ordinary tensor to the main process would make.
     return default_collate(tensors)
+
+
+def _rows_view(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    first = tensors[0]
+    if len(tensors) < 2 or first.dim() == 0:
+        return None
+    storage = first.untyped_storage().data_ptr()
+    spacing = tensors[1].storage_offset() - first.storage_offset()
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(first.shape, first.stride(), strict=True))
+    if spacing < extent:  # rows would overlap (or run backwards)
+        return None
+    for k, tensor in enumerate(tensors):
+        if (
+            tensor.untyped_storage().data_ptr() != storage
+            or tensor.storage_offset() != first.storage_offset() + k * spacing
+            or tensor.shape != first.shape
+            or tensor.stride() != first.stride()
+            or tensor.dtype != first.dtype
+        ):
+            return None
+    return first.as_strided((len(tensors), *first.shape), (spacing, *first.stride()), first.storage_offset())

@@ -29,24 +29,40 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shardify.bytestream import RateLimitedLog, ReadStats, RetryPolicy, ShardReadError
-from shardify.tarread import iter_samples
+from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES, iter_samples
 from streamtrain.data.counts import Decode, count_reads, decode_samples
 from streamtrain.data.dataset import ShardInfo, Source
+from streamtrain.data.handover import Packed, step_rows
 from streamtrain.data.lanes import (
     Cursor,
     Level,
     LevelShape,
+    PlanError,
     ShardOrder,
     Taken,
     Windows,
+    derive_seed,
     lanes_per_rank,
     level_of,
 )
 from streamtrain.data.mixture import apportion
-from streamtrain.data.plan import PlanError, derive_seed
-from streamtrain.data.stream import StreamConfig
+from streamtrain.data.ring import RingControl, RingWriter
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Order and robustness settings of a stream."""
+
+    seed: int = 0
+    """Shard order, sample order and augmentations are pure functions of it (and the topology)."""
+    shuffle_buffer: int = 256
+    """Samples per shuffle window (undecoded bytes held per rank and source, over its lanes)."""
+    warn_every_s: float = 30.0
+    """At most one warning per this many seconds per worker for read-time failures."""
+    max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES
+    """A sample with a larger tar member is skipped unread (counted as ``oversized_samples``)."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +78,14 @@ class Layout:
 
     def windows(self, index: int) -> Windows:
         return Windows(self.seed, self.sources[index].name, self.shuffle_buffer)
+
+    def counts(self, index: int) -> tuple[int, ...]:
+        """Source ``index``'s samples per shard."""
+        return self._counts[index]
+
+    @cached_property
+    def _counts(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(tuple(shard.samples for shard in source.shards) for source in self.sources)
 
     def shapes(self) -> list[LevelShape]:
         """How each source is laned on this topology (PlanError when it cannot be)."""
@@ -112,7 +136,7 @@ class Progress:
 
     @classmethod
     def start(cls, layout: Layout) -> Progress:
-        cursors = [Cursor(source.samples, layout.windows(i)) for i, source in enumerate(layout.sources)]
+        cursors = [Cursor(layout.counts(i), layout.windows(i)) for i in range(len(layout.sources))]
         progress = cls(0, cursors, [Fraction(0)] * len(cursors))
         progress.fit(layout)
         return progress
@@ -167,6 +191,8 @@ class ElasticStream(IterableDataset):
         self.retry = retry
         self.shapes = layout.shapes()
         self.start = Progress.start(layout)
+        self.control: RingControl | None = None
+        """Set by the loader before its workers start: how they reach its step ring."""
 
     def fingerprint(self) -> str:
         """Identifies the sources, their shards and weights; a resumed run refuses others."""
@@ -194,26 +220,36 @@ class _WorkerReader:
         self.read_stats = ReadStats()
         self.lanes: dict[tuple[int, int, int, int], _Lane] = {}
         self.orders: dict[tuple[int, int], ShardOrder] = {}
-        self.failed: set[tuple[int, int, str]] = set()
+        self.failed: dict[tuple[int, int, str], int] = {}
+        """Per (source, epoch, shard): where reading it failed; what lies before is still read."""
         self.mixed = len(self.layout.sources) > 1
 
     def steps(self) -> Iterator[tuple[int, Packed, dict[str, int]]]:
         progress = self.stream.start.copy()
+        in_worker = get_worker_info() is not None
+        writer = RingWriter(self.stream.control) if in_worker and self.stream.control is not None else None
+        rank, seed = self.stream.rank, self.stream.settings.seed
         while True:
             taken = progress.advance(self.layout, self.stream.shapes)
             counts: Counter[str] = Counter()
-            slots: list[tuple[int, Any]] = []
+            samples: list[tuple[int, Any]] = []
             slot = 0
             with torch.random.fork_rng(devices=[]):
-                for index, samples in enumerate(taken):
-                    for where in samples:
+                for index, samples_taken in enumerate(taken):
+                    for where in samples_taken:
                         if where.t % _lanes_per_rank(where) % self.stream.readers == self.worker:
-                            slots.append((slot, self._sample(index, where, counts)))
+                            samples.append((slot, self._sample(index, where, counts)))
                         slot += 1
             for index, cursor in enumerate(progress.cursors):
                 self._forget_finished(index, cursor)
             count_reads(self.read_stats, counts)
-            yield progress.step, Packed.of(slots, in_worker=get_worker_info() is not None), dict(counts)
+            rows = step_rows(seed, progress.step, rank, self.layout.per_rank)
+            placed = [(rows[slot], sample) for slot, sample in samples]
+            ring = writer.current() if writer is not None and placed else None
+            if ring is not None and not writer.wait_for_slot(ring, progress.step):  # type: ignore[union-attr]
+                return  # the loader is stopping
+            packed = Packed.of(placed, in_worker, ring, progress.step)
+            yield progress.step, packed, dict(counts)
 
     def _sample(self, index: int, where: Taken, counts: Counter[str]) -> Any:
         source = self.layout.sources[index]
@@ -309,13 +345,16 @@ class _Lane:
     def _read(self, shard: ShardInfo, lo: int, hi: int, base: int, order: ShardOrder) -> None:
         """Samples ``[lo, hi)`` of ``shard`` into the buffer, keyed by epoch-order position."""
         failed_key = (self.index, self.epoch, shard.url)
-        if failed_key in self.owner.failed:
+        failed_at = self.owner.failed.get(failed_key, shard.samples)
+        if failed_at <= lo:  # a shard that failed is not retried this epoch
             self.counts["unreadable_samples"] += hi - lo
             return
+        stop = min(hi, failed_at)
+        self.counts["unreadable_samples"] += hi - stop
         position = lo
         try:
             samples = self._reader(shard, lo)
-            while position < hi:
+            while position < stop:
                 raw = next(samples)
                 if shard.broken and raw["__key__"] in shard.broken:
                     raw = None  # still a sample of the count, so positions stay those of the manifest
@@ -323,7 +362,7 @@ class _Lane:
                 self.buffer[base + position] = raw
                 position += 1
                 self.open = (shard.url, position, samples)
-            if hi == shard.samples and next(samples, None) is not None:
+            if stop == shard.samples and next(samples, None) is not None:
                 self.counts["shard_errors"] += 1
                 self.owner.warnings.warn(
                     f"{shard.url} holds more samples than the {shard.samples} its manifest lists; "
@@ -331,9 +370,12 @@ class _Lane:
                 )
         except (ShardReadError, StopIteration) as exc:
             self.open = None
-            self.owner.failed.add(failed_key)
+            # The shard ended early, or broke past this piece's start: what lies before is still
+            # read by other lanes. One that failed at once (missing, unreachable) is given up.
+            ended = isinstance(exc, StopIteration) or position > lo
+            self.owner.failed[failed_key] = min(failed_at, position if ended else 0)
             self.counts["shard_errors"] += 1
-            self.counts["unreadable_samples"] += hi - position
+            self.counts["unreadable_samples"] += stop - position
             problem = exc if isinstance(exc, ShardReadError) else "fewer samples than its manifest says"
             self.owner.warnings.warn(f"skipping the rest of {shard.url}: {problem}")
 
@@ -350,66 +392,3 @@ class _Lane:
             stats=self.owner.read_stats,
             checksums=shard.member_checksums(),
         )
-
-
-@dataclass
-class Packed:
-    """One worker's samples of a step, with each tensor field gathered into one tensor.
-
-    Handing a step's samples to the main process one tensor each costs a shared-memory segment
-    per tensor; gathered, it is one per field: fields of one shape are stacked, 1-D fields of
-    differing lengths (undecoded image bytes) are laid end to end. The main process takes them
-    apart as views.
-    """
-
-    slots: list[int]
-    stacked: dict[str, torch.Tensor]
-    rest: list[Any]
-    """Per slot: the sample's other fields (a dict), or the sample itself when not a dict."""
-    lengths: dict[str, list[int]] = field(default_factory=dict)
-    """Per field laid end to end: each sample's length."""
-
-    @classmethod
-    def of(cls, slots: list[tuple[int, Any]], in_worker: bool) -> Packed:
-        kept = [(slot, sample) for slot, sample in slots if sample is not None]
-        samples = [sample for _, sample in kept]
-        stacked: dict[str, torch.Tensor] = {}
-        lengths: dict[str, list[int]] = {}
-        if samples and all(isinstance(sample, dict) for sample in samples):
-            for key, value in samples[0].items():
-                if not isinstance(value, torch.Tensor):
-                    continue
-                values = [sample.get(key) for sample in samples]
-                if not all(isinstance(v, torch.Tensor) and v.dtype == value.dtype for v in values):
-                    continue
-                if all(v.shape == value.shape for v in values):
-                    stacked[key] = _gathered(values, (len(values), *value.shape), torch.stack, in_worker)
-                elif all(v.dim() == 1 for v in values):
-                    total = (sum(len(v) for v in values),)
-                    stacked[key] = _gathered(values, total, torch.cat, in_worker)
-                    lengths[key] = [len(v) for v in values]
-            rest = [{k: v for k, v in sample.items() if k not in stacked} for sample in samples]
-        else:
-            rest = samples
-        return cls([slot for slot, _ in kept], stacked, rest, lengths)
-
-    def items(self) -> list[tuple[int, Any]]:
-        """``(slot, sample)`` pairs again; gathered fields come back as views of one tensor."""
-        if not self.stacked:
-            return list(zip(self.slots, self.rest, strict=True))
-        fields: dict[str, Sequence[torch.Tensor]] = {}
-        for key, tensor in self.stacked.items():
-            fields[key] = tensor.split(self.lengths[key]) if key in self.lengths else tensor.unbind()
-        return [
-            (slot, {**rest, **{key: parts[row] for key, parts in fields.items()}})
-            for row, (slot, rest) in enumerate(zip(self.slots, self.rest, strict=True))
-        ]
-
-
-def _gathered(
-    values: list[torch.Tensor], shape: tuple[int, ...], gather: Any, in_worker: bool
-) -> torch.Tensor:
-    out = torch.empty(shape, dtype=values[0].dtype)
-    if in_worker:  # straight into shared memory, as default_collate does in a worker
-        out.share_memory_()
-    return gather(values, out=out)

@@ -8,10 +8,12 @@ batch counts that differ by one; callers gather variable-sized results (see stre
 
 from __future__ import annotations
 
+import bisect
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -19,9 +21,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from shardify.bytestream import RateLimitedLog, ReadStats, RetryPolicy, ShardReadError
 from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES, iter_samples
 from streamtrain.data.counts import Collate, Decode, count_reads, decode_samples
-from streamtrain.data.dataset import Dataset
+from streamtrain.data.dataset import Dataset, ShardInfo
 from streamtrain.data.loader import leave_stop_signals_to_the_rank, stop_workers
-from streamtrain.data.plan import slice_sequence
 
 log = logging.getLogger(__name__)
 WARN_EVERY_S = 30.0
@@ -63,7 +64,7 @@ class EvalStream(IterableDataset):
         rank_lo, rank_hi = _share(self.total, self.world_size, self.rank)
         lo, hi = _share(rank_hi - rank_lo, workers, worker)
         shards = list(self.dataset.shards)
-        pieces = slice_sequence(shards, list(range(len(shards))), rank_lo + lo, rank_lo + hi)
+        pieces = slice_shards(shards, rank_lo + lo, rank_lo + hi)
         rng = random.Random(0)  # eval decoders draw nothing, but the decoder contract takes one
         warnings = RateLimitedLog(log, WARN_EVERY_S)
         read_stats = ReadStats()
@@ -115,3 +116,33 @@ def eval_batches(stream: EvalStream, num_workers: int) -> Iterator[tuple[Any, di
         yield from iterator
     finally:
         stop_workers(iterator)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Samples ``[start, stop)`` of shard ``shard`` (an index into the shard list)."""
+
+    shard: int
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+
+def slice_shards(shards: Sequence[ShardInfo], start: int, stop: int) -> list[Piece]:
+    """Samples ``[start, stop)`` of the shards laid end to end in manifest order, as pieces."""
+    ends, total = [], 0
+    for shard in shards:
+        total += shard.samples
+        ends.append(total)
+    pieces = []
+    index = bisect.bisect_right(ends, start)
+    while start < stop and index < len(shards):
+        shard_start = ends[index] - shards[index].samples
+        piece_stop = min(stop, ends[index])
+        if piece_stop > start:
+            pieces.append(Piece(index, start - shard_start, piece_stop - shard_start))
+        start = piece_stop
+        index += 1
+    return pieces

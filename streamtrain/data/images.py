@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -86,11 +85,9 @@ class ImageTransform:
     train: bool
     color_jitter: float = 0.4
     horizontal_flip: bool = True
-    _crop: Any = field(init=False, repr=False, compare=False)
     _jitter: Any = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_crop", v2.RandomCrop(self.size))
         strength = self.color_jitter
         jitter = v2.ColorJitter(brightness=strength, contrast=strength, saturation=strength)
         object.__setattr__(self, "_jitter", jitter)
@@ -108,16 +105,20 @@ class ImageTransform:
             top = round((resized[0] - self.size) / 2.0)  # CenterCrop's rounding
             left = round((resized[1] - self.size) / 2.0)
             return Augment(resized, top, left, self.size)
-        # make_params reads only the size of its input: a zero-stride view holds no pixels.
-        shape_only = tv_tensors.Image(torch.empty(1, 1, 1).expand(3, *resized))
-        crop = self._crop.make_params([shape_only])
-        top, left = (crop["top"], crop["left"]) if crop["needs_crop"] else (0, 0)
+        # torchvision's RandomCrop, RandomHorizontalFlip and ColorJitter make_params, call for
+        # call on torch's generator (asserted against them in test_device_decode), without the
+        # tv_tensors they would wrap around a picture of this size.
+        top = int(torch.randint(0, resized[0] - self.size + 1, size=())) if resized[0] > self.size else 0
+        left = int(torch.randint(0, resized[1] - self.size + 1, size=())) if resized[1] > self.size else 0
         # RandomHorizontalFlip(p=0.5) flips unless torch.rand(1) >= 0.5.
         flip = self.horizontal_flip and bool(torch.rand(1) < 0.5)
-        jitter = self._jitter.make_params([])
-        factors = (jitter["brightness_factor"], jitter["contrast_factor"], jitter["saturation_factor"])
-        order = tuple(int(i) for i in jitter["fn_idx"] if int(i) < 3)
-        return Augment(resized, int(top), int(left), self.size, flip, order, factors)
+        permutation = torch.randperm(4).tolist()
+        jitter = self._jitter
+        ranges = (jitter.brightness, jitter.contrast, jitter.saturation, jitter.hue)
+        order = tuple(int(i) for i in permutation if i < 3 and ranges[i] is not None)
+        drawn = [1.0 if r is None else torch.empty(1).uniform_(r[0], r[1]).item() for r in ranges]
+        factors = (drawn[0], drawn[1], drawn[2])
+        return Augment(resized, top, left, self.size, flip, order, factors)
 
     def apply(self, image: Image.Image, augment: Augment) -> torch.Tensor:
         """The CPU path: an RGB image -> float32 [3, size, size], CLIP-normalised (Pillow's pixels,

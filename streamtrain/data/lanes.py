@@ -1,10 +1,11 @@
 """Who reads what, elastically: every source's epoch as lanes, re-laned when the topology changes.
 
 One source's epoch is its shards in an order drawn from (seed, source, epoch), laid end to end
-(the *epoch order*). It is cut into ``L = world_size * q`` contiguous **lanes** of ``R = N // L``
-samples (``q`` lanes per rank); the last ``N - L * R`` samples (fewer than ``L``) are this
-epoch's remainder. A rank consumes its ``q`` lanes round-robin: its ``t``-th sample of the epoch
-is round ``t // q`` of its lane ``t % q``. Every rank consumes the same count of every source at
+(the *epoch order*). The ``N - L * R`` samples (fewer than ``L``) this epoch leaves out, its
+**remainder**, are set aside first (see *The rotating remainder*); the rest is cut into
+``L = world_size * q`` contiguous **lanes** of ``R = N // L`` samples (``q`` lanes per rank).
+A rank consumes its ``q`` lanes round-robin: its ``t``-th sample of the epoch is round ``t // q``
+of its lane ``t % q``. Every rank consumes the same count of every source at
 every step (mixture.py), so one integer ``t`` says how far every lane of every rank has got, and
 an epoch ends on all ranks at the same step. Inside a lane, rounds are shuffled in windows of
 ``max(1, shuffle_buffer // L)`` (a pure function of the seed and the lane), so memory is about
@@ -21,11 +22,24 @@ epoch's unread samples — every lane's tail plus the remainder — are laid end
 and cut into the new topology's lanes: a new **level** of the epoch. A level is recorded as
 ``(world_size, q, t)``; the current epoch's list of levels is all the state, so re-planning is
 arithmetic on the manifest and that list, whatever the dataset size. Nothing is read twice.
+
+**The rotating remainder.** Which samples an epoch leaves out depends on the epoch, so that none
+is left out for ever. Samples are named by their position in the *first* epoch's order (a fixed
+numbering of the source); epoch ``e`` leaves out the ``r`` samples just before those its earlier
+epochs left out, counting back from the end: first-order positions ``[N - d - r, N - d)`` modulo
+``N``, where ``d`` is the samples left out by all earlier epochs (the cursor's ``dropped``). The
+first epoch (``d = 0``) leaves out the tail of its order; later ones walk back through the source
+and wrap around. Consecutive epochs leave out disjoint samples (``2r < N``, as ``r < L <= N - r``),
+so any two consecutive epochs on one topology train every sample at least once. In the epoch's own
+order the left-out samples are a few runs (inside at most ``r / shard + 2`` shards); level 0 is
+that order without them, then them: they are its remainder.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
+import hashlib
 import itertools
 import random
 from collections.abc import Sequence
@@ -34,7 +48,17 @@ from functools import cached_property
 
 import numpy as np
 
-from streamtrain.data.plan import PlanError, derive_seed
+from streamtrain.errors import UserError
+
+
+class PlanError(UserError):
+    """The data cannot be split as asked (e.g. fewer samples than one batch per rank)."""
+
+
+def derive_seed(*parts: object) -> int:
+    """A stable 64-bit seed from any parts (Python's hash() is salted per process)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
 
 @dataclass(frozen=True)
@@ -65,6 +89,18 @@ class Level:
     runs: tuple[tuple[int, int], ...]
     """(first epoch-order index, length) of its samples, in level order."""
     shape: LevelShape
+
+    @classmethod
+    def first(cls, samples: int, left_out: Runs, shape: LevelShape) -> Level:
+        """An epoch's first level: its order without the ``left_out`` runs, then them."""
+        runs: list[tuple[int, int]] = []
+        position = 0
+        for first, length in sorted(left_out):
+            runs.append((position, first))
+            position = first + length
+        runs.append((position, samples))
+        ranges = runs + [(first, first + length) for first, length in left_out]
+        return cls(_merge(ranges), shape)
 
     @cached_property
     def size(self) -> int:
@@ -128,7 +164,11 @@ class Level:
         return Level(self.runs, shape)
 
 
-def _merge(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+Runs = tuple[tuple[int, int], ...]
+"""(first epoch-order index, length) runs."""
+
+
+def _merge(ranges: list[tuple[int, int]]) -> Runs:
     """``[first, stop)`` ranges as (first, length) runs, adjacent ones joined."""
     runs: list[list[int]] = []
     for first, stop in ranges:
@@ -168,7 +208,8 @@ class Cursor:
     level being read and its ``t`` the samples each rank has taken from it.
     """
 
-    samples: int
+    shards: tuple[int, ...]
+    """The source's samples per shard, in manifest order."""
     windows: Windows
     epoch: int = 0
     levels: list[list[int]] = field(default_factory=list)
@@ -176,6 +217,13 @@ class Cursor:
     """Samples left out to keep ranks equal, over all epochs (fewer than ``L`` per epoch)."""
     consumed: int = 0
     """Samples every rank took from this source, over all epochs."""
+    left_out: Runs = ()
+    """This epoch's remainder in its own order (the rotating remainder; () for a state saved
+    before it rotated, whose epoch leaves out the tail of its order)."""
+
+    @cached_property
+    def samples(self) -> int:
+        return sum(self.shards)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -186,23 +234,36 @@ class Cursor:
         }
 
     @classmethod
-    def from_dict(cls, samples: int, windows: Windows, state: dict) -> Cursor:
-        return cls(
-            samples,
+    def from_dict(
+        cls, shards: tuple[int, ...], windows: Windows, state: dict, rotating: bool = True
+    ) -> Cursor:
+        """The cursor ``to_dict`` saved; ``rotating=False`` for a state saved before the remainder
+        rotated (its current epoch goes on leaving out the tail of its order)."""
+        cursor = cls(
+            shards,
             windows,
             int(state["epoch"]),
             [[int(v) for v in level] for level in state["levels"]],
             int(state.get("dropped", 0)),
             int(state.get("consumed", 0)),
         )
+        if rotating:
+            cursor.left_out = cursor._remainder(LevelShape(*cursor.levels[0][:2]))
+        return cursor
 
     def copy(self) -> Cursor:
         levels = [list(v) for v in self.levels]
-        return Cursor(self.samples, self.windows, self.epoch, levels, self.dropped, self.consumed)
+        return Cursor(
+            self.shards, self.windows, self.epoch, levels, self.dropped, self.consumed, self.left_out
+        )
 
     def level(self) -> Level:
         """The level being read (built from the levels before it)."""
-        return level_of(self.samples, level_key(self.levels, len(self.levels) - 1), self.epoch_windows)
+        return level_of(self.samples, self.key(len(self.levels) - 1), self.epoch_windows)
+
+    def key(self, index: int) -> LevelKey:
+        """What level ``index`` of the current epoch depends on (see ``level_key``)."""
+        return level_key(self.left_out, self.levels, index)
 
     @property
     def epoch_windows(self) -> Windows:
@@ -211,7 +272,7 @@ class Cursor:
     def fit(self, shape: LevelShape) -> None:
         """Continue on ``shape`` (a fresh start, or a resume on another topology)."""
         if not self.levels:
-            self.levels = [[shape.world_size, shape.q, 0]]
+            self._start_epoch(shape)
             self._skip_empty(shape)
             return
         world, q, t = self.levels[-1]
@@ -237,7 +298,7 @@ class Cursor:
             level = self.level()
             room = level.rounds * q - t
             n = min(count, room)
-            key = level_key(self.levels, len(self.levels) - 1)
+            key = self.key(len(self.levels) - 1)
             taken += [Taken(self.epoch, len(self.levels) - 1, key, t + k) for k in range(n)]
             self.levels[-1][2] = t + n
             self.consumed += n
@@ -249,9 +310,31 @@ class Cursor:
     def _next_epoch(self, left_out: int, shape: LevelShape) -> None:
         self.dropped += left_out
         self.epoch += 1
-        self.levels = [[shape.world_size, shape.q, 0]]
+        self._start_epoch(shape)
         if self.level().rounds == 0:
             raise PlanError(f"{self.samples} samples cannot fill the {shape.lanes} lanes of one global batch")
+
+    def _start_epoch(self, shape: LevelShape) -> None:
+        self.levels = [[shape.world_size, shape.q, 0]]
+        self.left_out = self._remainder(shape)
+
+    def _remainder(self, shape: LevelShape) -> Runs:
+        """The samples this epoch leaves out on ``shape``, as runs of its order: first-epoch
+        positions ``[N - d - r, N - d)`` modulo ``N`` (see *The rotating remainder*)."""
+        samples = self.samples
+        size = samples % shape.lanes if shape.lanes <= samples else 0
+        if size == 0:
+            return ()
+        start = (samples - self.dropped % samples - size) % samples
+        numbering = ((start, min(start + size, samples)), (0, max(0, start + size - samples)))
+        first = shard_order(self.shards, self.windows.seed, self.windows.source, 0)
+        current = shard_order(self.shards, self.windows.seed, self.windows.source, self.epoch)
+        ranges = []
+        for lo, hi in numbering:
+            for shard, first_index, stop_index in first.pieces(lo, hi) if hi > lo else []:
+                begins = current.start_of(shard)
+                ranges.append((begins + first_index, begins + stop_index))
+        return _merge(ranges)
 
     @property
     def epoch_fraction(self) -> float:
@@ -272,28 +355,32 @@ class Taken:
     t: int
 
 
-LevelKey = tuple[tuple[int, ...], ...]
+LevelKey = tuple[tuple[tuple[int, int], ...] | tuple[int, ...], ...]
+"""The epoch's remainder runs, then ``(world_size, q, t)`` of every level before, then the
+level's ``(world_size, q)``: its last entry's second value is the level's ``q``."""
 _CACHE: dict[tuple[int, LevelKey, Windows], Level] = {}
 
 
-def level_key(levels: list[list[int]], index: int) -> LevelKey:
-    """What level ``index`` depends on: the levels before it, with their ``t``, and its shape."""
-    return (*(tuple(v) for v in levels[:index]), tuple(levels[index][:2]))
+def level_key(left_out: Runs, levels: list[list[int]], index: int) -> LevelKey:
+    """What level ``index`` depends on: the epoch's remainder, the levels before it with their
+    ``t``, and its shape."""
+    return (left_out, *(tuple(v) for v in levels[:index]), tuple(levels[index][:2]))
 
 
-def level_of(samples: int, levels: LevelKey, windows: Windows) -> Level:
-    """The level that ``levels`` (see ``level_key``) describes, in the epoch of ``windows``."""
-    key = (samples, levels, windows)
-    found = _CACHE.get(key)
+def level_of(samples: int, key: LevelKey, windows: Windows) -> Level:
+    """The level that ``key`` (see ``level_key``) describes, in the epoch of ``windows``."""
+    cache_key = (samples, key, windows)
+    found = _CACHE.get(cache_key)
     if found is not None:
         return found
+    left_out, levels = key[0], key[1:]
     world, q = levels[0][0], levels[0][1]
-    level = Level(((0, samples),), LevelShape(world, q)) if samples else Level((), LevelShape(world, q))
+    level = Level.first(samples, left_out, LevelShape(world, q))  # type: ignore[arg-type]
     for index, ((_, _, t), following) in enumerate(itertools.pairwise(levels)):
         level = level.unread(t, windows, index).relaned(LevelShape(following[0], following[1]))
     if len(_CACHE) > 64:
         _CACHE.clear()
-    _CACHE[key] = level
+    _CACHE[cache_key] = level
     return level
 
 
@@ -307,6 +394,12 @@ def window_order(seed: int, key: tuple, size: int) -> list[int]:
     if size > 1:
         random.Random(derive_seed("lane-window", seed, *key)).shuffle(order)
     return order
+
+
+@functools.lru_cache(maxsize=16)
+def shard_order(shards: tuple[int, ...], seed: int, source: str, epoch: int) -> ShardOrder:
+    """``ShardOrder.draw``, remembered: cursors ask for the same epochs again and again."""
+    return ShardOrder.draw(shards, seed, source, epoch)
 
 
 @dataclass(frozen=True)
@@ -336,6 +429,17 @@ class ShardOrder:
             first = piece_stop
             k += 1
         return pieces
+
+    def start_of(self, shard: int) -> int:
+        """Where shard ``shard`` (manifest index) begins in the epoch order."""
+        return int(self.ends[self.places[shard]]) - int(self.counts[shard])
+
+    @cached_property
+    def places(self) -> np.ndarray:
+        """Per shard (manifest index): its place in the epoch's shard order."""
+        places = np.empty_like(self.order)
+        places[self.order] = np.arange(len(self.order))
+        return places
 
     def locate(self, index: int) -> tuple[int, int]:
         """(shard, index inside it) of epoch-order position ``index``."""

@@ -1,13 +1,13 @@
-"""The loader a training loop iterates: a DataLoader over a ShardStream, Stateful by one integer."""
+"""The loader a training loop iterates: steps of the elastic stream, resumable on any topology."""
 
 from __future__ import annotations
 
 import atexit
-import random
+import logging
 import signal
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,20 +17,20 @@ from torch.utils.data import DataLoader
 from streamtrain.data.ahead import Ahead
 from streamtrain.data.counts import Collate
 from streamtrain.data.device_decode import finish_batch
-from streamtrain.data.elastic import ElasticStream, Layout, Packed, Progress
+from streamtrain.data.elastic import ElasticStream, Layout, Progress
+from streamtrain.data.handover import Packed
 from streamtrain.data.lanes import Cursor
 from streamtrain.data.mixture import decode_carries, encode_carries
-from streamtrain.data.plan import derive_seed
+from streamtrain.data.ring import RingControl, RingLayout, StepRing, slots_for
 from streamtrain.data.sample_log import SampleLog
-from streamtrain.data.stream import ShardStream
 from streamtrain.errors import UserError
 
-STATE_VERSION = 1
+log = logging.getLogger(__name__)
 
 # Loaders with running workers. Infinite dataloader workers never finish on their own, and an
 # interpreter that exits with them alive can hang in DataLoader's finaliser (seen under
 # torchrun), so they are stopped explicitly at exit.
-_RUNNING: weakref.WeakSet[StreamLoader | ElasticLoader] = weakref.WeakSet()
+_RUNNING: weakref.WeakSet[ElasticLoader] = weakref.WeakSet()
 
 
 @atexit.register
@@ -65,7 +65,7 @@ def leave_stop_signals_to_the_rank(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def _endless(stream: Any, workers: int, settings: StreamLoader | ElasticLoader) -> Iterator[Any]:
+def _endless(stream: Any, workers: int, settings: ElasticLoader) -> Iterator[Any]:
     """An iterator over an endless stream through a DataLoader of ``workers`` processes, with
     the prefetch and pinning ``settings`` (a loader) asks for."""
     loader = DataLoader(
@@ -84,137 +84,13 @@ class LoaderStateError(UserError):
     """A saved loader state that cannot be resumed exactly with this configuration."""
 
 
-class StreamLoader:
-    """Batches for this rank, forever. ``state_dict()`` after step s resumes at batch s + 1.
-
-    A batch none of whose samples could be read is None, in its place.
-
-    Every rank reads only its own shards (no rank-0 dispatch). The state records how many
-    batches this rank consumed — prefetched batches are not counted, so nothing is skipped —
-    plus the topology and dataset it is valid for. Resuming with another world size, worker
-    count, batch size, seed or shard list is refused with a clear error rather than silently
-    yielding a different order.
-    """
-
-    def __init__(
-        self,
-        stream: ShardStream,
-        prefetch_factor: int = 2,
-        pin_memory: bool = False,
-        sample_log: SampleLog | None = None,
-        batches_per_step: int = 1,
-        decode_device: torch.device | None = None,
-    ) -> None:
-        """``sample_log`` gets one line per ``batches_per_step`` batches (an optimizer step with
-        gradient accumulation), listing the batches' ``"sample_ids"``. Images left undecoded by
-        the workers are decoded on ``decode_device`` (default: the CPU) before a batch is out."""
-        self.stream = stream
-        self.decode_device = decode_device
-        self.prefetch_factor = prefetch_factor
-        self.pin_memory = pin_memory
-        self.sample_log = sample_log
-        self.batches_per_step = batches_per_step
-        self._step_sample_ids: list[str] = []
-        self.batches = 0
-        self.read_stats: Counter[str] = Counter()
-        self._iterator: Iterator[tuple[Any, dict[str, int]]] | None = None
-
-    @property
-    def epoch(self) -> float:
-        """Epochs consumed so far, fractional."""
-        return self.batches / self.stream.batches_per_epoch
-
-    def __iter__(self) -> StreamLoader:
-        return self
-
-    def __next__(self) -> Any:
-        if self._iterator is None:
-            self.stream.start_batch = self.batches
-            self._iterator = _endless(self.stream, self.stream.topology.num_workers, self)
-            _RUNNING.add(self)
-        batch, stats = next(self._iterator)
-        self.batches += 1
-        self.read_stats.update(stats)
-        if batch is not None:
-            batch = _finished(batch, self.decode_device, self.read_stats)
-            if batch is None:  # none of its images decoded on the device
-                self.read_stats["empty_batches"] += 1
-        if self.sample_log is not None:
-            self._log_samples(batch)
-        return batch
-
-    def _log_samples(self, batch: Any) -> None:
-        if batch is None:  # no sample of it could be read
-            batch = {"sample_ids": []}
-        if not isinstance(batch, dict) or "sample_ids" not in batch:
-            raise TypeError("data.sample_log needs batches that carry 'sample_ids' (a dict from the collate)")
-        self._step_sample_ids.extend(batch["sample_ids"])
-        if self.batches % self.batches_per_step == 0:
-            assert self.sample_log is not None
-            self.sample_log.record(self.batches // self.batches_per_step, self._step_sample_ids)
-            self._step_sample_ids = []
-
-    def close(self) -> None:
-        """Stop the workers now (a later ``next()`` starts them again at the current position)."""
-        stop_workers(self._iterator)
-        self._iterator = None
-        _RUNNING.discard(self)
-
-    def start_fresh(self) -> None:
-        """Begin at batch 0 of a new run: sample-log lines of an earlier attempt that never
-        checkpointed are retrained, so they are dropped."""
-        if self.sample_log is not None:
-            self.sample_log.rewind(0)
-
-    def shutdown(self) -> None:
-        """Stop the workers and close the sample log; the loader is done."""
-        self.close()
-        if self.sample_log is not None:
-            self.sample_log.close()
-
-    def _identity(self) -> dict[str, Any]:
-        topology = self.stream.topology
-        return {
-            "seed": self.stream.config.seed,
-            "world_size": topology.world_size,
-            "num_workers": topology.num_workers,
-            "batch_size": topology.batch_size,
-            "shuffle_buffer": self.stream.config.shuffle_buffer,
-            "dataset": self.stream.dataset.fingerprint(),
-        }
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": STATE_VERSION,
-            **self._identity(),
-            "rank": self.stream.topology.rank,
-            "batches": self.batches,
-            "step_sample_ids": list(self._step_sample_ids),
-            "read_stats": dict(self.read_stats),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise LoaderStateError(
-                f"data loader state version {state.get('version')!r} is not {STATE_VERSION}"
-            )
-        changed = _changed(self._identity(), state)
-        if changed:
-            raise LoaderStateError(
-                "cannot resume the data stream exactly, its configuration changed ("
-                + "; ".join(changed)
-                + "). Resume with the original settings, or start a new run."
-            )
-        self.batches = int(state["batches"])
-        self._step_sample_ids = list(state.get("step_sample_ids", []))
-        self.read_stats = Counter(state.get("read_stats", {}))
-        if self.sample_log is not None:
-            # Lines the interrupted run wrote after this state was saved are not history.
-            self.sample_log.rewind(self.batches // self.batches_per_step)
-        self.close()
-
-
-ELASTIC_STATE_VERSION = 2
+ELASTIC_STATE_VERSION = 3
+UNROTATED_STATE_VERSION = 2
+"""Elastic states saved before the remainder rotated: their current epoch leaves out the tail of
+its order, as it did when saved; the epochs after it rotate."""
+FIXED_TOPOLOGY_STATE_VERSION = 1
+LAST_READING_FIXED_TOPOLOGY = "6c741cc"
+"""The last streamtrain commit that resumes a state of the fixed-topology loader (version 1)."""
 
 
 class ElasticLoader:
@@ -224,8 +100,8 @@ class ElasticLoader:
     rank, a few integers per source — plus this rank's read counts. A run resumed from it on any
     world size, worker count or split of the per-rank batch into micro-batches continues every
     source's epoch where it stopped; with the same global batch and one source, every step holds
-    exactly the samples an uninterrupted run would have. A state saved by the fixed-topology
-    loader (version 1) resumes through that loader, on its own topology only.
+    exactly the samples an uninterrupted run would have. A state of the fixed-topology loader
+    that earlier versions used (version 1) is refused, naming the release that resumes it.
     """
 
     elastic = True
@@ -240,7 +116,6 @@ class ElasticLoader:
         prefetch_factor: int = 2,
         pin_memory: bool = False,
         sample_log: SampleLog | None = None,
-        legacy: Callable[[], StreamLoader] | None = None,
         decode_device: torch.device | None = None,
     ) -> None:
         self.stream = stream
@@ -252,8 +127,6 @@ class ElasticLoader:
         self.prefetch_factor = prefetch_factor
         self.pin_memory = pin_memory
         self.sample_log = sample_log
-        self.legacy_factory = legacy
-        self.legacy: StreamLoader | None = None
         self.progress = stream.start.copy()
         """After the last step whose micro-batches were all handed out."""
         self._read_stats: Counter[str] = Counter()
@@ -262,11 +135,14 @@ class ElasticLoader:
         self._next_progress: Progress | None = None
         self._iterator: Iterator[tuple[int, Packed, dict[str, int]]] | None = None
         self._ahead: Ahead[_Step] | None = None
+        self._control: RingControl | None = None
+        self._ring: StepRing | None = None
+        self._ring_sized = False
 
     @property
     def read_stats(self) -> Counter[str]:
         """Read counts of this rank so far (the run's, over its lives)."""
-        return self.legacy.read_stats if self.legacy is not None else self._read_stats
+        return self._read_stats
 
     @property
     def layout(self) -> Layout:
@@ -275,8 +151,6 @@ class ElasticLoader:
     @property
     def epoch(self) -> float:
         """Epochs consumed so far, fractional (all sources together)."""
-        if self.legacy is not None:
-            return self.legacy.epoch
         total = sum(source.samples for source in self.layout.sources)
         read = sum(c.epoch_fraction * c.samples for c in self.progress.cursors)
         return read / total
@@ -284,14 +158,12 @@ class ElasticLoader:
     @property
     def batches_per_epoch(self) -> int:
         """Micro-batches in one epoch of the first source on this topology (all of one source)."""
-        if self.legacy is not None:
-            return self.legacy.stream.batches_per_epoch
         cursor = Progress.start(self.layout).cursors[0]
         return cursor.level().rounds * cursor.levels[-1][1] // self.layout.per_rank * self.batches_per_step
 
     def source_metrics(self) -> dict[str, float]:
         """Each source's epoch, for the log line of a mixture (not summed over ranks)."""
-        if self.legacy is not None or len(self.layout.sources) == 1:
+        if len(self.layout.sources) == 1:
             return {}
         return {
             f"data/{source.name}/epoch": cursor.epoch_fraction
@@ -302,8 +174,6 @@ class ElasticLoader:
         return self
 
     def __next__(self) -> Any:
-        if self.legacy is not None:
-            return next(self.legacy)
         if not self._pending:
             self._next_step()
         batch = self._pending.popleft()
@@ -316,6 +186,8 @@ class ElasticLoader:
 
     def _start(self) -> None:
         self.stream.start = self.progress.copy()
+        self._control = self.stream.control = RingControl() if self.stream.num_workers else None
+        self._ring_sized = False
         self._iterator = _endless(self.stream, self.stream.num_workers, self)
         _RUNNING.add(self)
         if self.decode_device is not None:  # decoding in this process: one step ahead, in a thread
@@ -331,6 +203,8 @@ class ElasticLoader:
     def _next_step(self) -> None:
         if self._iterator is None:
             self._start()
+        if self._control is not None:  # the step before the last one handed out is done with
+            self._control.release(self.progress.step - 1)
         step = self._ahead.take() if self._ahead is not None else self._read_step(self.progress)
         self._read_stats.update(step.counts)
         self._pending.extend(step.batches)
@@ -344,24 +218,25 @@ class ElasticLoader:
         progress = after.copy()
         progress.advance(self.layout, self.stream.shapes)
         counts: Counter[str] = Counter()
-        slots: list[Any] = [None] * self.layout.per_rank
+        parts = []
         for _ in range(self.stream.readers):
-            step, items, read = next(self._iterator)
+            step, packed, read = next(self._iterator)
             if step != progress.step:
                 raise RuntimeError(f"data worker sent step {step} where step {progress.step} was due")
-            for slot, sample in items.items():
-                slots[slot] = sample
+            parts.append(packed)
             counts.update(read)
+        rows: list[Any] = [None] * self.layout.per_rank
+        for packed in parts:
+            for row, sample in packed.items(self._ring, progress.step):
+                rows[row] = sample
+        if not self._ring_sized and self._control is not None:
+            self._size_ring([sample for sample in rows if sample is not None])
         dropped = sum(c.dropped for c in progress.cursors) - sum(c.dropped for c in after.cursors)
         if dropped and self.stream.rank == 0:  # the same on every rank: counted once
             counts["dropped_samples"] += dropped
-        order = list(range(len(slots)))
-        random.Random(
-            derive_seed("step-order", self.stream.settings.seed, progress.step, self.stream.rank)
-        ).shuffle(order)
         made = _Step(progress, counts)
         for micro in range(self.batches_per_step):
-            chunk = [slots[k] for k in order[micro * self.batch_size : (micro + 1) * self.batch_size]]
+            chunk = rows[micro * self.batch_size : (micro + 1) * self.batch_size]
             samples = [sample for sample in chunk if sample is not None]
             batch = None
             if samples:
@@ -373,15 +248,35 @@ class ElasticLoader:
             made.batches.append(batch)
         return made
 
+    def _size_ring(self, samples: list[Any]) -> None:
+        """Make the step ring, sized for the samples of the first step read (ring.py)."""
+        assert self._control is not None
+        self._ring_sized = True
+        slots = slots_for(self.prefetch_factor, ahead=self.decode_device is not None)
+        layout = RingLayout.of(samples, self.layout.per_rank, slots)
+        if layout is None:
+            return
+        try:
+            self._ring = StepRing.create(layout, self._control, self.pin_memory)
+        except OSError as exc:
+            log.warning(
+                "no room for the loader's step ring (%.0f MB of shared memory: %s); handing steps "
+                "over without it, with a copy each",
+                layout.slot_bytes * layout.slots / 2**20,
+                exc,
+            )
+
     def close(self) -> None:
         """Stop the workers now (a later ``next()`` starts them again at the current position)."""
-        if self.legacy is not None:
-            self.legacy.close()
         if self._ahead is not None:
             self._ahead.close()
             self._ahead = None
+        if self._control is not None:  # workers waiting for a slot stop waiting
+            self._control.stop()
         stop_workers(self._iterator)
-        self._iterator = None
+        if self._ring is not None:
+            self._ring.close()
+        self._iterator, self._control, self._ring = None, None, None
         self._pending.clear()
         self._next_progress = None
         _RUNNING.discard(self)
@@ -403,8 +298,6 @@ class ElasticLoader:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        if self.legacy is not None:
-            return self.legacy.state_dict()
         return {
             "version": ELASTIC_STATE_VERSION,
             **self._identity(),
@@ -423,11 +316,14 @@ class ElasticLoader:
         """Continue from ``state``, the saved state of this rank (or of rank 0 for a rank the
         saved run did not have); ``absorbed``: states of saved ranks this run no longer has,
         whose read counts rank 0 carries on."""
-        if state.get("version") == STATE_VERSION and self.legacy_factory is not None:
-            self.legacy = self.legacy_factory()
-            self.legacy.load_state_dict(state)
-            return
-        if state.get("version") != ELASTIC_STATE_VERSION:
+        if state.get("version") == FIXED_TOPOLOGY_STATE_VERSION:
+            raise LoaderStateError(
+                "the data loader state was written by streamtrain's fixed-topology loader (state "
+                f"version 1), which streamtrain after {LAST_READING_FIXED_TOPOLOGY} no longer has: resume "
+                f"it with streamtrain {LAST_READING_FIXED_TOPOLOGY} (git checkout "
+                f"{LAST_READING_FIXED_TOPOLOGY}), or start a new run"
+            )
+        if state.get("version") not in (ELASTIC_STATE_VERSION, UNROTATED_STATE_VERSION):
             raise LoaderStateError(
                 f"data loader state version {state.get('version')!r} is not {ELASTIC_STATE_VERSION}"
             )
@@ -438,12 +334,13 @@ class ElasticLoader:
                 + "; ".join(changed)
                 + "). Resume with the original data, seed and mixture, or start a new run."
             )
+        rotating = state["version"] == ELASTIC_STATE_VERSION
         sources = self.layout.sources
         if len(state["sources"]) != len(sources):
             raise LoaderStateError(f"the saved data has {len(state['sources'])} sources, now {len(sources)}")
         cursors = [
-            Cursor.from_dict(source.samples, self.layout.windows(i), saved)
-            for i, (source, saved) in enumerate(zip(sources, state["sources"], strict=True))
+            Cursor.from_dict(self.layout.counts(i), self.layout.windows(i), saved, rotating)
+            for i, saved in enumerate(state["sources"])
         ]
         progress = Progress(int(state["step"]), cursors, decode_carries(state["carries"]))
         progress.fit(self.layout)

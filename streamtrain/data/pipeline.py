@@ -16,15 +16,14 @@ from shardify.bytestream import RetryPolicy
 from shardify.format import IMAGE_EXTENSIONS
 from streamtrain.config import DataConfig, EvalConfig, SourceSpec, source_name
 from streamtrain.config.weights import schedule
+from streamtrain.data.counts import Collate, Decode
 from streamtrain.data.dataset import Dataset, Source
 from streamtrain.data.device_decode import finish_batch
-from streamtrain.data.elastic import ElasticStream, Layout
+from streamtrain.data.elastic import ElasticStream, Layout, StreamConfig
 from streamtrain.data.eval import EvalStream, eval_batches
-from streamtrain.data.loader import ElasticLoader, StreamLoader
-from streamtrain.data.plan import Topology
+from streamtrain.data.loader import ElasticLoader
 from streamtrain.data.sample_log import SampleLog
 from streamtrain.data.shards import DataSourceError, resolve
-from streamtrain.data.stream import Collate, Decode, ShardStream, StreamConfig
 from streamtrain.errors import UserError
 
 IMAGE_MEMBERS = {*IMAGE_EXTENSIONS.values(), "jpeg"}
@@ -84,21 +83,6 @@ def train_loader(
     stream = ElasticStream(layout, rank, data.num_workers, decode, settings, retry_policy(data))
     sample_log = SampleLog(data.sample_log, rank) if data.sample_log else None
 
-    def fixed_topology_loader() -> StreamLoader:
-        """The loader of state version 1, for checkpoints it wrote."""
-        topology = Topology(
-            world_size=world_size, rank=rank, num_workers=data.num_workers, batch_size=batch_size
-        )
-        legacy = ShardStream(dataset, topology, decode, collate, settings, retry_policy(data))
-        return StreamLoader(
-            legacy,
-            prefetch_factor=data.prefetch_factor,
-            pin_memory=pin_memory,
-            sample_log=sample_log,
-            batches_per_step=batches_per_step,
-            decode_device=decode_device,
-        )
-
     return ElasticLoader(
         stream,
         collate,
@@ -107,7 +91,6 @@ def train_loader(
         prefetch_factor=data.prefetch_factor,
         pin_memory=pin_memory,
         sample_log=sample_log,
-        legacy=fixed_topology_loader,
         decode_device=decode_device,
     )
 

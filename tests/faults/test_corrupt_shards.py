@@ -26,12 +26,13 @@ import pytest
 
 from shardify.convert import ConvertOptions, convert
 from streamtrain.config import load_config
-from streamtrain.data import stream as stream_module
+from streamtrain.data import elastic as stream_module
+from streamtrain.data.dataset import Dataset, Source
 from streamtrain.data.decoders import CaptionDecoder
-from streamtrain.data.loader import StreamLoader
-from streamtrain.data.plan import Topology, shard_order, worker_pieces
+from streamtrain.data.elastic import ElasticStream, Layout, Progress, StreamConfig
+from streamtrain.data.lanes import ShardOrder
+from streamtrain.data.loader import ElasticLoader
 from streamtrain.data.shards import resolve
-from streamtrain.data.stream import ShardStream, StreamConfig
 from streamtrain.tasks import TASKS, model_types
 from streamtrain.train.tracking import read_metrics
 from streamtrain.train.trainer import Trainer
@@ -76,6 +77,17 @@ def _damage(out: Path, kind: str, rng: random.Random) -> str:
     return entry["name"]
 
 
+def _epoch_pieces(dataset: Dataset, layout: Layout) -> list[tuple[int, int, int]]:
+    """``(shard, first, stop)`` of the samples the first epoch's lanes hold (its remainder left out)."""
+    level = Progress.start(layout).cursors[0].level()
+    order = ShardOrder.draw([shard.samples for shard in dataset.shards], layout.seed, "train", 0)
+    return [
+        piece
+        for first, stop in level.epoch_ranges(0, level.rounds * level.shape.lanes)
+        for piece in order.pieces(first, stop)
+    ]
+
+
 def _decode(decoder: CaptionDecoder) -> Any:
     def decode(raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         return {**decoder(raw, rng), "key": raw["__key__"]}
@@ -103,14 +115,14 @@ def _warnings(path: Path) -> Iterator[Path]:
         handler.close()
 
 
-def _read_epoch(loader: StreamLoader) -> list[list[str] | None]:
+def _read_epoch(loader: ElasticLoader) -> list[list[str] | None]:
     """One epoch of batches, read on a thread: a hang fails the test instead of blocking it."""
     batches: list[list[str] | None] = []
     failure: list[BaseException] = []
 
     def read() -> None:
         try:
-            batches.extend(next(loader) for _ in range(loader.stream.batches_per_epoch))
+            batches.extend(next(loader) for _ in range(loader.batches_per_epoch))
         except BaseException as exc:  # surfaced below with the test's message
             failure.append(exc)
 
@@ -137,21 +149,21 @@ def test_damaged_shards_are_skipped_and_counted(
         fault_record.faults += 1
         dataset = resolve(str(out))
         workers = trial % 2
-        topology = Topology(world_size=1, rank=0, num_workers=workers, batch_size=BATCH)
+        layout = Layout((Source("train", dataset.shards),), trial, 1, BATCH, 16)
         config = StreamConfig(seed=trial, shuffle_buffer=16, warn_every_s=0)
-        loader = StreamLoader(ShardStream(dataset, topology, _decode(decoder), _keys, config))
+        stream = ElasticStream(layout, 0, workers, _decode(decoder), config)
+        loader = ElasticLoader(stream, _keys, BATCH)
         with _warnings(tmp_path / f"trial-{trial}.log") as log, fault_record.recovering():
             batches = _read_epoch(loader)
-        loader.close()
+        loader.shutdown()
 
         # What the plan holds this epoch: real keys, and positions past a shard's real end.
         planned: list[str] = []
         phantom = 0
-        for worker in range(topology.readers):
-            for piece in worker_pieces(list(dataset.shards), topology, trial, 0, worker):
-                keys = truth[Path(dataset.shards[piece.shard].url).name]
-                planned += keys[piece.start : min(piece.stop, len(keys))]
-                phantom += max(0, piece.stop - max(piece.start, len(keys)))
+        for shard, start, stop in _epoch_pieces(dataset, layout):
+            keys = truth[Path(dataset.shards[shard].url).name]
+            planned += keys[start : min(stop, len(keys))]
+            phantom += max(0, stop - max(start, len(keys)))
         delivered = Counter(key for batch in batches if batch is not None for key in batch)
         stats = loader.read_stats
         counted = stats["decode_errors"] + stats["unreadable_samples"] + stats["oversized_samples"]
@@ -183,7 +195,8 @@ def test_training_over_damaged_shards_finishes_and_counts(tmp_path: Path, fault_
     shards = convert_sample(tmp_path / "digits")
     train = shards["train"]
     listed = resolve(str(train)).shards
-    first, second = shard_order(len(listed), 0, 0)[:2]  # read first in epoch 0 under train.seed=0
+    order = ShardOrder.draw([shard.samples for shard in listed], 0, "train", 0).order
+    first, second = int(order[0]), int(order[1])  # read first in epoch 0 under train.seed=0
     cut, corrupt = Path(listed[first].url), Path(listed[second].url)
     cut.write_bytes(cut.read_bytes()[: rng.randrange(2048, 8192)])
     data = bytearray(corrupt.read_bytes())

@@ -31,11 +31,11 @@ import torch
 
 from shardify.format import Manifest, ShardEntry
 from streamtrain.config import load_config
+from streamtrain.data.dataset import Source
 from streamtrain.data.decoders import CaptionDecoder
-from streamtrain.data.loader import StreamLoader
-from streamtrain.data.plan import Topology
+from streamtrain.data.elastic import ElasticStream, Layout, StreamConfig
+from streamtrain.data.loader import ElasticLoader
 from streamtrain.data.shards import resolve
-from streamtrain.data.stream import ShardStream, StreamConfig
 from streamtrain.tasks import TASKS, model_types
 from streamtrain.train import checkpoint
 from streamtrain.train.checkpoint_manager import CheckpointError
@@ -157,20 +157,21 @@ def test_hostile_shard_is_read_and_trained_on_without_extracting(
     before = _tree(tmp_path)
 
     dataset = resolve(str(tmp_path / "hostile"))
-    topology = Topology(world_size=1, rank=0, num_workers=0, batch_size=len(fates) // 2)
+    batch = len(fates) // 2
     decoder = CaptionDecoder(image_size=16)
 
     def decode(raw: dict[str, Any], rng: random.Random) -> str:
         decoder(raw, rng)
         return raw["__key__"]
 
-    loader = StreamLoader(ShardStream(dataset, topology, decode, list, StreamConfig(shuffle_buffer=1)))
+    layout = Layout((Source("train", dataset.shards),), 0, 1, batch, 1)
+    loader = ElasticLoader(ElasticStream(layout, 0, 0, decode, StreamConfig(shuffle_buffer=1)), list, batch)
     tracemalloc.start()
     with fault_record.recovering():
-        batches = [next(loader) for _ in range(loader.stream.batches_per_epoch)]
+        batches = [next(loader) for _ in range(loader.batches_per_epoch)]
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    loader.close()
+    loader.shutdown()
     delivered = Counter(key for batch in batches if batch is not None for key in batch)
     assert peak < MEMORY_LIMIT, f"reading the hostile shard took {peak >> 20} MiB"
     assert delivered == Counter(key for key, fate in fates.items() if fate == "delivered")

@@ -11,10 +11,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from streamtrain.data.loader import StreamLoader
-from streamtrain.data.plan import Topology
+from streamtrain.config import DataConfig
+from streamtrain.data.pipeline import train_loader
 from streamtrain.data.shards import resolve
-from streamtrain.data.stream import ShardStream, StreamConfig
 
 
 def decode(raw: dict[str, Any], rng: random.Random) -> str:
@@ -24,19 +23,19 @@ def decode(raw: dict[str, Any], rng: random.Random) -> str:
 def main(shards: str, out: str, epochs: int) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    topology = Topology(world_size=world, rank=rank, num_workers=2, batch_size=4)
-    loader = StreamLoader(
-        ShardStream(resolve(shards), topology, decode, list, StreamConfig(seed=7, shuffle_buffer=8))
+    data = DataConfig(train=shards, num_workers=2, shuffle_buffer=8)
+    loader = train_loader(
+        data, resolve(shards), rank=rank, world_size=world, batch_size=4, seed=7, decode=decode, collate=list
     )
     batches = []
-    for _ in range(epochs * loader.stream.batches_per_epoch):
+    for _ in range(epochs * loader.batches_per_epoch):
         batch = next(loader)
         # A collective per step, as DDP does: a rank with fewer batches would hang here.
         count = torch.tensor([len(batch)])
         dist.all_reduce(count)
         batches.append(batch)
     Path(out, f"rank{rank}.json").write_text(
-        json.dumps({"batches": batches, "per_epoch": loader.stream.batches_per_epoch})
+        json.dumps({"batches": batches, "per_epoch": loader.batches_per_epoch})
     )
     dist.barrier()
     dist.destroy_process_group()

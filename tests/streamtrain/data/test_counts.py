@@ -1,4 +1,4 @@
-"""The one decode-and-count path, on plain lists, as the training and the held-out stream use it."""
+"""The one decode-and-count path, on plain lists, as the training and the held-out streams use it."""
 
 from __future__ import annotations
 
@@ -11,12 +11,13 @@ import pytest
 
 from shardify import bytestream
 from shardify.bytestream import RateLimitedLog
+from streamtrain.data import elastic as elastic_module
 from streamtrain.data import eval as eval_module
 from streamtrain.data.counts import decode_samples
 from streamtrain.data.dataset import Dataset, ShardInfo, Source
+from streamtrain.data.elastic import ElasticStream, Layout, StreamConfig
 from streamtrain.data.eval import EvalStream
-from streamtrain.data.plan import Topology
-from streamtrain.data.stream import ShardStream
+from streamtrain.data.loader import ElasticLoader
 
 log = logging.getLogger(__name__)
 
@@ -62,26 +63,28 @@ def test_decode_samples_warns_at_a_limited_rate(caplog: pytest.LogCaptureFixture
     assert len(caplog.records) == 1 and "k2" in caplog.text and "over the limit" in caplog.text
 
 
-def _stream(batch_size: int) -> ShardStream:
-    dataset = Dataset((Source("plain", (ShardInfo("plain.tar", len(RAWS)),)),), "caption")
-    return ShardStream(dataset, Topology(batch_size=batch_size), decode, list)
+def test_training_batches_count_through_it_and_keep_their_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    readable = [sample for sample in RAWS if sample is not None]  # a reader yields no None
 
+    def plain_list(url: str, first: int, stop: int | None, retry: Any = None, **options: Any) -> Any:
+        return iter(readable[first:stop])
 
-def test_training_batches_count_through_it_and_keep_their_size() -> None:
-    stream, warnings = _stream(3), RateLimitedLog(log, 0.0)
+    monkeypatch.setattr(elastic_module, "iter_samples", plain_list)
+    source = Source("plain", (ShardInfo("plain.tar", len(readable)),))
+    # Batch 3: three lanes of two rounds, read in order (shuffle buffer 1); k8 is the remainder.
+    stream = ElasticStream(Layout((source,), 0, 1, 3, 1), 0, 0, decode, StreamConfig(shuffle_buffer=1))
+    loader = ElasticLoader(stream, sorted, 3)
     batches, counts = [], []
-    for start in range(0, len(RAWS), 3):
-        stats: Counter[str] = Counter()
-        batches.append(stream._collate(RAWS[start : start + 3], 0, 0, start // 3, stats, warnings))
-        counts.append(dict(stats))
-    # A training batch is the planned positions: skipped samples make it smaller, never refilled.
-    assert batches == [["k0"], None, ["k6"]]
+    for _ in range(2):
+        batches.append(next(loader))
+        counts.append(dict(loader.read_stats - sum((Counter(c) for c in counts), Counter())))
+    # A training batch is the planned samples: skipped ones make it smaller, never refilled.
+    assert batches == [["k0", "k6"], None]
     assert counts == [
-        {"samples": 1, "oversized_samples": 1},
-        {"samples": 0, "decode_errors": 2, "empty_batches": 1},
-        {"samples": 1, "oversized_samples": 1, "decode_errors": 1},
+        {"samples": 2, "decode_errors": 1},
+        {"oversized_samples": 2, "decode_errors": 1, "empty_batches": 1, "dropped_samples": 1},
     ]
-    assert sum((Counter(c) for c in counts), Counter()) == {**TOTALS, "empty_batches": 1}
+    loader.shutdown()
 
 
 def test_held_out_batches_count_through_it_and_are_refilled(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,13 +10,11 @@ import torch
 
 from shardify.convert import ConvertOptions, convert
 from shardify.tarread import iter_samples
-from streamtrain.config import AudioConfig
+from streamtrain.config import AudioConfig, DataConfig
 from streamtrain.data.collate import collate_alignment, collate_vlm
 from streamtrain.data.decoders import CaptionDecoder, QADecoder
-from streamtrain.data.loader import StreamLoader
-from streamtrain.data.plan import Topology
+from streamtrain.data.pipeline import train_loader
 from streamtrain.data.shards import resolve
-from streamtrain.data.stream import ShardStream, StreamConfig
 from tests import factories
 
 
@@ -60,15 +58,19 @@ def test_eval_decoder_never_drops_text(caption_out: Path) -> None:
 
 
 def test_alignment_pipeline_end_to_end(caption_out: Path) -> None:
-    stream = ShardStream(
+    data = DataConfig(train=str(caption_out), num_workers=2, shuffle_buffer=8)
+    loader = train_loader(
+        data,
         resolve(str(caption_out)),
-        Topology(num_workers=2, batch_size=4),
-        CaptionDecoder(image_size=32, train=True),
-        collate_alignment,
-        StreamConfig(seed=1, shuffle_buffer=8),
+        rank=0,
+        world_size=1,
+        batch_size=4,
+        seed=1,
+        decode=CaptionDecoder(image_size=32, train=True),
+        collate=collate_alignment,
     )
-    loader = StreamLoader(stream)
-    batches = [next(loader) for _ in range(stream.batches_per_epoch)]
+    batches = [next(loader) for _ in range(loader.batches_per_epoch)]
+    loader.shutdown()
     assert all(b["image"].shape == (4, 3, 32, 32) and len(b["texts"]) == 4 for b in batches)
     ids = [i for b in batches for i in b["sample_ids"]]
     assert len(set(ids)) == len(ids) == 24

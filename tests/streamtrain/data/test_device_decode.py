@@ -20,7 +20,7 @@ from streamtrain.data.collate import collate_alignment, collate_vlm
 from streamtrain.data.dataset import Dataset
 from streamtrain.data.decoders import CaptionDecoder, QADecoder
 from streamtrain.data.device_decode import EncodedImages, finish_batch
-from streamtrain.data.elastic import Packed
+from streamtrain.data.handover import Packed
 from streamtrain.data.images import KIND_JPEG, KIND_PIXELS, Encoded, ImageTransform, encode_for_device
 from streamtrain.data.pipeline import decode_device, held_out_batches, resolve_sources, train_loader
 from streamtrain.data.transforms import CLIP_STD, decode_image, vision_transform
@@ -167,9 +167,9 @@ def test_ragged_fields_travel_in_one_tensor() -> None:
     samples = [
         (slot, {"image_data": torch.arange(n, dtype=torch.uint8), "id": slot}) for slot, n in [(0, 3), (2, 5)]
     ]
-    packed = Packed.of([*samples, (1, None)], in_worker=False)
+    packed = Packed.of([*samples, (1, None)], in_worker=False, ring=None, step=1)
     assert set(packed.stacked) == {"image_data"} and packed.stacked["image_data"].shape == (8,)
-    back = packed.items()
+    back = packed.items(None, 1)
     assert [slot for slot, _ in back] == [0, 2]
     assert [sample["image_data"].tolist() for _, sample in back] == [[0, 1, 2], [0, 1, 2, 3, 4]]
 

@@ -1,9 +1,10 @@
 """The elastic loader in process: resume with other workers or batch splits, small versioned
-state, refusals of other data, version-1 states through the fixed-topology loader, and a mixture's
-per-source counts."""
+state, refusals of other data and of version-1 states, a mixture's per-source counts, the
+rotating remainder, and the steps recorded before the step ring."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import shutil
@@ -75,7 +76,7 @@ def test_resume_with_other_workers_and_batch_split_gives_the_same_steps(two_sets
     got = _steps(first, 7, 1)
     state = first.state_dict()
     first.shutdown()
-    assert len(json.dumps(state)) < 4096 and state["version"] == 2
+    assert len(json.dumps(state)) < 4096 and state["version"] == 3
     second = _loader(str(big), workers=3, batch=2, accum=4)
     second.load_state_dict(state)
     got += _steps(second, 12, 4)
@@ -103,20 +104,15 @@ def test_a_state_for_other_data_or_another_seed_is_refused(two_sets) -> None:
         _loader(mixture).load_state_dict(state)
 
 
-def test_a_version_1_state_resumes_through_the_fixed_topology_loader(two_sets) -> None:
+def test_a_version_1_state_is_refused_naming_the_release_that_resumes_it(two_sets) -> None:
     big, _ = two_sets
-    legacy = _loader(str(big)).legacy_factory()  # the loader earlier versions used
-    before = [next(legacy)["sample_ids"] for _ in range(3)]
-    state = legacy.state_dict()
-    after = [next(legacy)["sample_ids"] for _ in range(4)]
-    legacy.shutdown()
-    assert state["version"] == 1 and before
-
-    resumed = _loader(str(big))
-    resumed.load_state_dict(state)
-    assert [next(resumed)["sample_ids"] for _ in range(4)] == after
-    assert resumed.state_dict()["version"] == 1  # it goes on saving what it resumed from
-    resumed.shutdown()
+    # What the fixed-topology loader of earlier versions saved after 3 batches.
+    state = {"version": 1, "seed": 0, "world_size": 1, "num_workers": 0, "batch_size": 4, "batches": 3}
+    with pytest.raises(LoaderStateError) as refused:
+        _loader(str(big)).load_state_dict(state)
+    message = str(refused.value)
+    assert "\n" not in message and "fixed-topology loader" in message
+    assert "resume it with streamtrain 6c741cc" in message
 
 
 def test_a_mixture_counts_each_source_and_cycles_the_small_one(two_sets) -> None:
@@ -159,3 +155,41 @@ def test_a_damaged_shard_is_skipped_counted_and_never_stops_the_epoch(
     assert stats["shard_errors"] >= 1
     assert stats["samples"] + stats["unreadable_samples"] + stats["decode_errors"] == steps * 8
     assert stats["unreadable_samples"] + stats["decode_errors"] <= 10  # at most the damaged shard's samples
+
+
+def test_a_small_source_mixed_in_for_many_epochs_trains_every_one_of_its_samples(two_sets, tmp_path) -> None:
+    big, _ = two_sets
+    rows = factories.caption_rows(20, size=(8, 8))
+    for row in rows:
+        row["sample_id"] = f"tiny-{row['sample_id']}"
+    factories.write_parquet(tmp_path / "tiny.parquet", rows)
+    convert([str(tmp_path / "tiny.parquet")], ConvertOptions(output=str(tmp_path / "tiny")))  # one shard
+    mixture = [
+        SourceSpec(path=str(big), weight=1, name="big"),
+        SourceSpec(path=str(tmp_path / "tiny"), weight=1, name="tiny"),
+    ]
+    loader = _loader(mixture, workers=2, batch=8)
+    # tiny: 4 samples a step on 8 lanes of 2 rounds, so an epoch is 4 steps and leaves 4 out.
+    epochs = [[i for step in _steps(loader, 4, 1) for i in step if i.startswith("tiny")] for _ in range(6)]
+    loader.shutdown()
+    everything = {row["sample_id"] for row in rows}
+    assert all(len(ids) == len(set(ids)) == 16 for ids in epochs)  # each epoch: once each, 4 left out
+    assert len({frozenset(ids) for ids in epochs}) > 1  # not the same 4 every epoch
+    for this, following in itertools.pairwise(epochs):
+        assert set(this) | set(following) == everything
+
+
+def test_steps_are_those_the_loader_gave_before_the_step_ring_and_the_rotating_remainder(two_sets) -> None:
+    """The first epoch of a plain source and of a mixture, micro-batch by micro-batch, as recorded
+    from the loader of 6c741cc (later epochs changed on purpose: the remainder rotates)."""
+    recorded = json.loads((Path(__file__).parent / "recorded_steps.json").read_text())
+    big, small = two_sets
+    mixture = [
+        SourceSpec(path=str(big), weight=1, name="big"),
+        SourceSpec(path=str(small), weight=1, name="small"),
+    ]
+    for name, train in (("plain", str(big)), ("mixture", mixture)):
+        loader = _loader(train, workers=2, batch=4, accum=2)
+        got = [next(loader)["sample_ids"] for _ in range(len(recorded[name]))]
+        loader.shutdown()
+        assert got == recorded[name], name

@@ -4,6 +4,7 @@ exact mixture proportions."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 from fractions import Fraction
@@ -13,9 +14,8 @@ import pytest
 from streamtrain.config.weights import schedule, silent_steps, weight_problems
 from streamtrain.data.dataset import ShardInfo, Source
 from streamtrain.data.elastic import Layout, Progress
-from streamtrain.data.lanes import Windows, position_of
+from streamtrain.data.lanes import Cursor, PlanError, ShardOrder, Windows, position_of
 from streamtrain.data.mixture import apportion
-from streamtrain.data.plan import PlanError
 
 
 def _sources(sizes: list[int], weights: list | None = None, shard: int = 37) -> tuple[Source, ...]:
@@ -181,3 +181,61 @@ def test_a_source_smaller_than_its_share_of_a_batch_is_refused() -> None:
     sources = _sources([500, 10], [1, 1])
     with pytest.raises(PlanError, match="fewer than its share"):
         Layout(sources, 0, 4, 8, 16).shapes()
+
+
+def _trained(sources, world, per_rank, steps, seed=0, buffer=16) -> dict[tuple, set[tuple[int, int]]]:
+    """Per (source, epoch), the samples trained, each as (shard, index in shard)."""
+    layout = Layout(sources, seed, world, per_rank, buffer)
+    progress, shapes = Progress.start(layout), layout.shapes()
+    trained: dict[tuple[int, int], set[tuple[int, int]]] = {}
+    for _ in range(steps):
+        for i, samples in enumerate(progress.advance(layout, shapes)):
+            counts = [shard.samples for shard in sources[i].shards]
+            windows = Windows(seed, sources[i].name, buffer)
+            for where in samples:
+                order = ShardOrder.draw(counts, seed, sources[i].name, where.epoch)
+                for rank in range(world):
+                    position = position_of(windows, rank, where, sources[i].samples)
+                    trained.setdefault((i, where.epoch), set()).add(order.locate(position))
+    return trained
+
+
+def test_a_small_source_in_a_mixture_trains_every_sample_over_its_epochs() -> None:
+    # The issue's case: 100 samples in one shard, mixed in with batch 16, left 4 out each epoch.
+    sources = _sources([1000, 100], [1, 1], shard=100)
+    trained = _trained(sources, 1, 16, 12 * 26)  # 26 epochs of the small source (12 steps each)
+    small = [trained[(1, epoch)] for epoch in range(25)]
+    assert all(len(seen) == 96 for seen in small)  # 4 left out per epoch, as before
+    assert [seen for seen in small[1:] if seen != small[0]]  # but not the same 4
+    assert set().union(*small) == {(0, k) for k in range(100)}
+    for this, following in itertools.pairwise(small):  # any two consecutive epochs: all of it
+        assert this | following == {(0, k) for k in range(100)}
+
+
+@pytest.mark.parametrize(("sizes", "world", "per_rank"), [([203], 2, 8), ([90, 57], 3, 4)])
+def test_the_remainder_rotates_for_plain_sources_and_mixtures(sizes, world, per_rank) -> None:
+    sources = _sources(sizes, [1] * len(sizes) if len(sizes) > 1 else None, shard=19)
+    trained = _trained(sources, world, per_rank, 120)
+    for i, source in enumerate(sources):
+        everything = {(k, j) for k, shard in enumerate(source.shards) for j in range(shard.samples)}
+        epochs = sorted(e for s, e in trained if s == i)[:-1]  # finished epochs
+        assert len(epochs) >= 3
+        left_out = [everything - trained[(i, e)] for e in epochs]
+        assert all(0 < len(out) < world * per_rank for out in left_out)
+        for this, following in itertools.pairwise(left_out):
+            assert not this & following  # consecutive epochs leave out different samples
+
+
+def test_a_state_saved_before_the_remainder_rotated_ends_its_epoch_as_it_began() -> None:
+    sources = _sources([203], shard=19)
+    layout = Layout(sources, 0, 2, 8, 16)
+    progress, shapes = Progress.start(layout), layout.shapes()
+    for _ in range(15):  # 12 steps an epoch: into the second epoch
+        progress.advance(layout, shapes)
+    state = progress.cursors[0].to_dict()
+    old = Cursor.from_dict(layout.counts(0), layout.windows(0), state, rotating=False)
+    new = Cursor.from_dict(layout.counts(0), layout.windows(0), state)
+    assert old.epoch == 1 and old.level().runs == ((0, 203),)  # leaves out the tail of its order
+    assert new.left_out == progress.cursors[0].left_out != ()
+    old.take(8 * 9, shapes[0])
+    assert old.epoch == 2 and old.left_out != ()  # the next epoch rotates
