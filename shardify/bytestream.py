@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from shardify import readahead
 from shardify.storage import Failure, ObjectInfo, ReadableFile, storage_for
 
 logger = logging.getLogger(__name__)
@@ -107,8 +108,22 @@ class RateLimitedLog:
         self.last, self.suppressed = now, 0
 
 
+@dataclass(frozen=True)
+class Extent:
+    """What a reader knows before opening an object: its size (from a manifest) and the byte it
+    will stop reading at, where it stops early (a lane ending inside a shard); read-ahead asks
+    for nothing past either."""
+
+    size: int | None = None
+    stop: int | None = None
+
+
 class ShardByteStream:
-    """Forward reads over one object (any registered storage) that resume where they failed."""
+    """Forward reads over one object (any registered storage) that resume where they failed.
+
+    On a store that reads byte ranges from any thread (S3), several range requests run ahead of
+    the reader (readahead.py: this process's budget, shared by its open objects).
+    """
 
     def __init__(
         self,
@@ -116,6 +131,7 @@ class ShardByteStream:
         retry: RetryPolicy | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         stats: ReadStats | None = None,
+        extent: Extent | None = None,
     ) -> None:
         self.url = url
         self.retry = retry or RetryPolicy()
@@ -123,8 +139,12 @@ class ShardByteStream:
         self.offset = 0
         """Bytes consumed (read or skipped) so far."""
         self._storage = storage_for(url)
+        self._ranges = self._storage.range_reader(url)
+        self._extent = extent or Extent()
         self._block_size = block_size
         self._skip_read = _REMOTE_SKIP_READ if self._storage.remote else _LOCAL_SKIP_READ
+        if self._ranges is not None:
+            self._skip_read = _LOCAL_SKIP_READ  # the read-ahead fetches around the reader
         self._file: ReadableFile | None = None
         self._file_pos = 0
         self._identity: ObjectInfo | None = None
@@ -138,6 +158,7 @@ class ShardByteStream:
             file, self._file = self._file, None
             try:
                 file.close()
+                self._count(file)
             except Exception:  # closing a broken connection must not hide the real error
                 logger.debug("closing %s failed", self.url, exc_info=True)
 
@@ -156,8 +177,10 @@ class ShardByteStream:
         position = self.offset + size - need
         self._buffer, self._buffer_pos = b"", 0
         while need > 0:
-            if need >= self._block_size:
-                wanted = need  # large payloads go straight into their own bytes object
+            if need >= self._block_size or self._ranges is not None:
+                # Large payloads go straight into their own bytes object; a read-ahead file holds
+                # its own window (asking for more would fetch past where the reader stops).
+                wanted = need
             else:
                 wanted = self._block_size if ahead else max(need, self._skip_read)
             chunk = self._fetch(position, wanted)
@@ -179,7 +202,8 @@ class ShardByteStream:
         if size <= available:
             self._buffer_pos += size
         else:
-            self.stats.bytes_skipped += size - available
+            if self._ranges is None:  # a read-ahead file counts what it never requested itself
+                self.stats.bytes_skipped += size - available
             self._buffer, self._buffer_pos = b"", 0
         self.offset += size
 
@@ -193,6 +217,9 @@ class ShardByteStream:
                     self._file.seek(position)
                     self._file_pos = position
                 data = self._file.read(size)
+            except readahead.ObjectChangedError as exc:
+                self.close()
+                raise ShardReadError(self.url, "changed", str(exc)) from exc
             except Exception as exc:
                 kind = self._storage.failure(exc)
                 if kind is None:
@@ -200,15 +227,42 @@ class ShardByteStream:
                 self._handle_failure(exc, kind, position)
                 continue
             self._file_pos += len(data)
-            self.stats.bytes_read += len(data)
-            self.stats.requests += 1
+            if not self._count(self._file):
+                self.stats.bytes_read += len(data)
+                self.stats.requests += 1
             if self._failures:
                 logger.info("%s: reading at byte %d after %d failures", self.url, position, self._failures)
                 self._failures = 0
             return data
 
+    def _count(self, file: ReadableFile) -> bool:
+        """Move a read-ahead file's fetched bytes and answers into the stats (False: not one)."""
+        if not isinstance(file, readahead.ReadAheadFile):
+            return False
+        self.stats.bytes_read += file.fetched
+        self.stats.requests += file.answers
+        self.stats.bytes_skipped += file.skipped
+        file.fetched = file.answers = file.skipped = 0
+        return True
+
     def _open(self, position: int) -> ReadableFile:
+        if self._ranges is not None:
+            extent = self._extent
+            ahead = readahead.pool().open(self.url, self._ranges, position, extent.stop, extent.size)
+            try:
+                ahead.first_answer()
+            except BaseException:
+                ahead.close()
+                raise
+            self._file_pos = position
+            if ahead.size is None and ahead.etag is None:
+                return ahead  # an answer that says nothing of the object (a range past its end)
+            return self._check_identity(ahead, ObjectInfo(ahead.size, ahead.etag), position)
         file, identity = self._storage.open(self.url)
+        self._file_pos = 0
+        return self._check_identity(file, identity, position)
+
+    def _check_identity(self, file: ReadableFile, identity: ObjectInfo, position: int) -> ReadableFile:
         if self._identity is not None:
             self.stats.reopens += 1
             self.stats.reopened_bytes += position
@@ -218,17 +272,24 @@ class ShardByteStream:
                 detail = f"size/ETag {(was.size, was.etag)} became {(now.size, now.etag)}"
                 raise ShardReadError(self.url, "changed", detail)
         self._identity = identity
-        self._file_pos = 0
         return file
 
     def _handle_failure(self, exc: Exception, kind: Failure, position: int) -> None:
-        """Count the failure and wait before the next try, or raise ShardReadError when out of tries."""
-        self.close()
+        """Count the failure and wait before the next try, or raise ShardReadError when out of tries.
+
+        A read-ahead file stays open: only its failed requests are sent again (what arrived ahead
+        of them is kept, so nothing is fetched twice); any other file is reopened at ``position``.
+        """
+        ahead = self._file if isinstance(self._file, readahead.ReadAheadFile) else None
+        if ahead is None or not kind.retried:
+            self.close()
+            ahead = None
         self._failures += 1
         # Local files do not appear late; on S3 a fresh object may be listed before it can be read.
         missing = self.retry.missing_attempts if self._storage.remote else 1
         limit = missing if kind is Failure.MISSING else self.retry.attempts if kind.retried else 1
         if self._failures >= limit:
+            self.close()
             reason = "unavailable" if kind.retried else kind.value
             raise ShardReadError(self.url, reason, f"{type(exc).__name__}: {exc}") from exc
         self.stats.retries += 1
@@ -238,3 +299,7 @@ class ShardByteStream:
             f"{self.url}: {kind.value} at byte {position} ({type(exc).__name__}: {exc}); {retrying}"
         )
         time.sleep(delay)
+        if ahead is not None:
+            self.stats.reopens += 1
+            self.stats.reopened_bytes += position
+            ahead.resend_failed()
