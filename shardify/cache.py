@@ -25,10 +25,12 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from shardify.bytestream import Extent, ReadStats, RetryPolicy, ShardByteStream, ShardReadError
+from shardify.format import checksums_json, parse_checksums
 
 log = logging.getLogger(__name__)
 
 _SUFFIX = ".tar"
+_CHECKSUMS = ".crc32.json"
 _WRITE_BLOCK = 4 << 20
 
 
@@ -80,6 +82,22 @@ class ShardCache:
         self.downloads += 1
         self.evict(keep=path)
         return path
+
+    def checksums(self, url: str, checksums_url: str) -> Mapping[str, int] | None:
+        """The member checksums of ``url``'s shard, read from ``checksums_url`` once per node and
+        kept beside its copy (None, and a warning, when they cannot be read)."""
+        from shardify.tarread import load_checksums
+
+        kept = self.path_of(url).with_suffix(_CHECKSUMS)
+        with contextlib.suppress(FileNotFoundError, ValueError, KeyError, TypeError):
+            return parse_checksums(kept.read_text(encoding="utf-8"))
+        found = load_checksums(checksums_url)
+        if found is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            partial = kept.with_name(f"{kept.name}.{os.getpid()}-{threading.get_ident()}.partial")
+            partial.write_text(checksums_json(dict(found)), encoding="utf-8")
+            os.replace(partial, kept)
+        return found
 
     def _usable(self, path: Path, checksums: Mapping[str, int] | None) -> bool:
         """Whether ``path`` is a complete, verified copy (verified once per process and file)."""
@@ -159,6 +177,8 @@ class ShardCache:
                     entry.unlink()
                     total -= size
                     removed += size
+                with contextlib.suppress(FileNotFoundError):
+                    entry.with_suffix(_CHECKSUMS).unlink()
         return removed
 
     def size_bytes(self) -> int:

@@ -26,15 +26,20 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-DEFAULT_CHUNK_BYTES = 1 << 20
-"""One range request: large enough that a request's fixed cost (~1 ms of CPU, one round trip)
-is small against its transfer, small enough to split a 200 KB-sample shard's window finely."""
+DEFAULT_CHUNK_BYTES = 4 << 20
+"""One range request: large enough that a request's fixed cost (a round trip, and ~2 ms of a
+Python client's CPU) is small against its transfer (benchmarks/bench_remote.py: botocore spends
+half the CPU per GB at 4 MB as at 1 MB); readers that stop early clip it to where they stop."""
 DEFAULT_BUDGET_BYTES = 32 << 20
 """Per process (dataloader worker): 200 MB/s at 100 ms to first byte is 20 MB in flight; the
 rest covers the burst when all lanes of a worker load their next shuffle window at once."""
 MAX_CONNECTIONS = 64
-PREFETCH_CHUNKS = 2
-"""Chunks a prefetched object (the next shard of a lane) asks for before it is read."""
+PREFETCH_CHUNKS = 1
+"""Chunks a prefetched object (the next shard of a lane) asks for before it is read: its first
+answer is what the lane waits for when it gets there; the rest comes at the lane's pace."""
+MAX_PREFETCHED = 256
+"""Prefetched objects kept for their readers; past this the oldest (a reader that stopped
+early) are dropped. Each holds one chunk of the budget until it is opened."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ class RangePool:
         self, budget_bytes: int = DEFAULT_BUDGET_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES
     ) -> None:
         self.budget_bytes = budget_bytes
-        self.chunk_bytes = max(4096, min(chunk_bytes, max(budget_bytes, 4096)))
+        self.chunk_bytes = max(4096, chunk_bytes)  # a budget under one chunk: one request at a time
         self.connections = max(2, min(MAX_CONNECTIONS, budget_bytes // self.chunk_bytes))
         self.reserved = 0
         """Bytes requested (queued, in flight or arrived) and not yet read or dropped."""
@@ -149,14 +154,14 @@ class RangePool:
     ) -> None:
         """Start reading ``key`` from byte 0 before it is opened (the next shard of a reader)."""
         with self._lock:
-            if key in self._prefetched:
-                return
+            if key in self._prefetched or self.room() < self.chunk_bytes:
+                return  # a prefetch never takes the budget from objects being read
         file = ReadAheadFile(self, read, 0, limit, chunks=PREFETCH_CHUNKS, size=size)
         with self._lock:
             self._prefetched[key] = file
             # Prefetches nobody opened (a reader that stopped early) must not hold the budget.
             stale = []
-            while len(self._prefetched) > max(4, len(self._files) // 2):
+            while len(self._prefetched) > MAX_PREFETCHED:
                 stale.append(self._prefetched.popitem(last=False)[1])
         for old in stale:
             old.close()

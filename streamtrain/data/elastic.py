@@ -378,7 +378,7 @@ class _Lane:
 
 
 def _span(shard: ShardInfo, first: int, stop: int) -> ShardSpan:
-    return ShardSpan(shard.url, first, stop, shard.samples, shard.size, shard.member_checksums())
+    return ShardSpan(shard.url, first, stop, shard.samples, shard.size, shard.checksums)
 
 
 @dataclass

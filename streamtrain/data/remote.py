@@ -21,7 +21,7 @@ from shardify import readahead
 from shardify.bytestream import Extent, ReadStats, RetryPolicy, ShardReadError
 from shardify.cache import ShardCache
 from shardify.storage import storage_for
-from shardify.tarread import iter_samples
+from shardify.tarread import iter_samples, load_checksums
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ class ShardSpan:
     stop: int
     samples: int
     size: int | None
-    checksums: Mapping[str, int] | None = None
+    checksums_url: str | None = None
+    """Where the shard's member checksums are (``<shard>.crc32.json``); None: not recorded."""
 
     def extent(self) -> Extent:
         """The shard's size and the byte its reader stops near (estimated from the counts, with
@@ -74,11 +75,12 @@ class ShardOpener:
     def open_shard(self, span: ShardSpan, max_member_bytes: int) -> Iterator[dict[str, Any]]:
         """The samples of ``span`` from ``span.first`` on (the caller stops at ``span.stop``)."""
         remote = storage_for(span.url).remote
+        checksums = self.checksums(span)
         if remote and self.cache is not None:
-            local = self._cached(span)
+            local = self._cached(span, checksums)
             if local is not None:
                 samples = iter_samples(
-                    local, span.first, None, max_member_bytes=max_member_bytes, checksums=span.checksums
+                    local, span.first, None, max_member_bytes=max_member_bytes, checksums=checksums
                 )
                 return _labelled(samples, span.url)
         return iter_samples(
@@ -88,9 +90,18 @@ class ShardOpener:
             self.retry,
             max_member_bytes=max_member_bytes,
             stats=self.stats,
-            checksums=span.checksums,
+            checksums=checksums,
             extent=span.extent(),
         )
+
+    def checksums(self, span: ShardSpan) -> Mapping[str, int] | None:
+        """The shard's member checksums: kept beside its cached copy when there is a cache (a
+        later epoch then asks the store for nothing), else read once per process."""
+        if span.checksums_url is None:
+            return None
+        if self.cache is None or not storage_for(span.url).remote:
+            return load_checksums(span.checksums_url)
+        return self.cache.checksums(span.url, span.checksums_url)
 
     def prefetch(self, span: ShardSpan) -> None:
         """Start bringing ``span``'s shard: into the cache when there is one, else its first
@@ -111,7 +122,7 @@ class ShardOpener:
             extent = span.extent()
             readahead.pool().prefetch(span.url, reader, extent.stop, extent.size)
 
-    def _cached(self, span: ShardSpan) -> str | None:
+    def _cached(self, span: ShardSpan, checksums: Mapping[str, int] | None) -> str | None:
         with self._lock:
             pending = self._downloads.pop(span.url, None)
         if pending is not None:
@@ -119,14 +130,14 @@ class ShardOpener:
             with contextlib.suppress(ShardReadError):
                 _merge(self.stats, pending.result())
         assert self.cache is not None
-        local = self.cache.local_copy(span.url, span.checksums, span.size, self.retry, self.stats)
+        local = self.cache.local_copy(span.url, checksums, span.size, self.retry, self.stats)
         return str(local) if local is not None else None
 
     def _download(self, span: ShardSpan) -> ReadStats:
         """Bring ``span``'s shard into the cache (in a background thread: its own counts)."""
         assert self.cache is not None
         stats = ReadStats()
-        self.cache.local_copy(span.url, span.checksums, span.size, self.retry, stats)
+        self.cache.local_copy(span.url, self.checksums(span), span.size, self.retry, stats)
         return stats
 
     def close(self) -> None:
