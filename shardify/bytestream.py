@@ -8,6 +8,7 @@ nothing is lost; an object whose size or tag changed in between is refused, neve
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 import time
@@ -303,3 +304,81 @@ class ShardByteStream:
             self.stats.reopens += 1
             self.stats.reopened_bytes += position
             ahead.resend_failed()
+
+
+class RangeInput(io.RawIOBase):
+    """A remote object as a seekable binary file (what pyarrow reads a parquet input through),
+    read with read-ahead and riding out transient errors as shard streams do; a read that still
+    fails raises OSError (FileNotFoundError, PermissionError) naming the object."""
+
+    def __init__(self, url: str, size: int, retry: RetryPolicy | None = None) -> None:
+        super().__init__()
+        self.url = url
+        self.size = size
+        self.retry = retry or RetryPolicy()
+        self._storage = storage_for(url)
+        reader = self._storage.range_reader(url)
+        if reader is None:
+            raise ValueError(f"{url}: its storage reads no byte ranges")
+        self._reader = reader
+        self._file: readahead.ReadAheadFile | None = None
+        self._position = 0
+        self._warnings = RateLimitedLog(logger, self.retry.log_interval_s)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), max(0, self.size - self._position))
+        if want == 0:
+            return 0
+        failures = 0
+        while True:
+            try:
+                if self._file is None:
+                    self._file = readahead.pool().open(self.url, self._reader, self._position, size=self.size)
+                if self._file.position != self._position:
+                    self._file.seek(self._position)
+                data = self._file.read(want)
+                break
+            except Exception as exc:
+                kind = self._storage.failure(exc)
+                failures += 1
+                if kind is None or not kind.retried or failures >= self.retry.attempts:
+                    self.close()
+                    raise _as_os_error(self.url, exc, kind) from exc
+                delay = self.retry.backoff_s(failures)
+                self._warnings.warn(f"{self.url}: {kind.value} at byte {self._position} ({exc}); retrying")
+                time.sleep(delay)
+                if self._file is not None:
+                    self._file.resend_failed()
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        super().close()
+
+
+def _as_os_error(url: str, exc: Exception, kind: Failure | None) -> OSError:
+    if isinstance(exc, OSError):
+        return exc
+    kinds: dict[Failure | None, type[OSError]] = {
+        Failure.MISSING: FileNotFoundError,
+        Failure.DENIED: PermissionError,
+    }
+    return kinds.get(kind, OSError)(f"cannot read {url}: {type(exc).__name__}: {exc}")

@@ -130,6 +130,11 @@ class StorageBackend:
         fs, path = self.filesystem(url)
         return fs.cat_file(path)
 
+    def upload(self, local_path: str, url: str) -> None:
+        """``local_path`` stored as ``url``, visible only when complete."""
+        fs, path = self.filesystem(url)
+        fs.put_file(local_path, path)
+
     def failure(self, exc: BaseException) -> Failure | None:
         """The kind of storage error ``exc`` is; None for anything else (a bug: re-raise it)."""
         if isinstance(exc, FileNotFoundError | NotADirectoryError | IsADirectoryError):
@@ -183,6 +188,9 @@ class S3Storage(StorageBackend):
 
     def read_bytes(self, url: str) -> bytes:
         return s3client.get_bytes(url)
+
+    def upload(self, local_path: str, url: str) -> None:
+        s3client.upload(local_path, url)  # concurrent parts when large; one object when done
 
     def filesystem(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         options: dict[str, Any] = {}
