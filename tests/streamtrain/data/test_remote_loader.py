@@ -5,6 +5,8 @@ through transient faults, and from the local cache with no bytes fetched in a la
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -162,3 +164,24 @@ def test_with_the_cache_a_second_epoch_fetches_nothing(
     assert far.request_lines[asked:] == []  # the second epoch came from local disk
     assert far.bytes_down == after_first
     assert len(list(cache.glob("*.tar"))) == len(list(two_sets[0].glob("*.tar")))
+
+
+@pytest.mark.s3
+def test_workers_reading_s3_exit_without_event_loop_errors(
+    far_sets: tuple[str, str], s3_env: SeaweedS3
+) -> None:
+    """s3fs in forked workers printed "attached to a different loop" task errors at exit."""
+    script = (
+        "from streamtrain.config import DataConfig\n"
+        "from streamtrain.data.pipeline import resolve_sources, train_loader\n"
+        f"url = {far_sets[0]!r}\n"
+        "loader = train_loader(DataConfig(train=url, num_workers=2), resolve_sources(url), rank=0,\n"
+        "    world_size=1, batch_size=8, seed=0, decode=lambda raw, rng: raw['__key__'],\n"
+        "    collate=lambda ids: {'sample_ids': ids})\n"
+        "steps = [next(loader) for _ in range(5)]\n"
+        "print('read', len(steps))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "read 5" in done.stdout, done.stderr
+    for symptom in ("different loop", "Task was destroyed", "Traceback"):
+        assert symptom not in done.stderr, done.stderr
