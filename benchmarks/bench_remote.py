@@ -99,12 +99,17 @@ def child_streamtrain(
         print(json.dumps({"epoch_done": epoch}), flush=True)
     seconds = time.perf_counter() - started
     result = {"samples": passes[0]["samples"], "seconds": seconds - sum(p["seconds"] for p in passes[1:])}
-    loader.shutdown()
-    return result | {
+    # Before shutdown: the workers' peaks count (each process's own high-water mark, summed).
+    tree = tree_mb("VmHWM")
+    own = int(next(x for x in open("/proc/self/status") if x.startswith("VmHWM")).split()[1]) / 1024
+    result |= {
         "epochs": passes,
-        "tree_peak_mb": tree_mb("VmHWM"),
+        "tree_peak_mb": tree,
+        "workers_peak_mb": tree - own,
         "cpu_seconds": tree_cpu_s(),
     }
+    loader.shutdown()
+    return result
 
 
 def child_mosaic(remote: str, local: str, workers: int, samples: int) -> dict:
@@ -131,8 +136,13 @@ def child_mosaic(remote: str, local: str, workers: int, samples: int) -> dict:
 
 def child_litdata(url: str, cache: str, workers: int, samples: int) -> dict:
     from litdata import StreamingDataLoader, StreamingDataset
+    from litdata.streaming import downloader
 
     from benchmarks.bench_loader import tree_mb
+
+    # litdata gives its obstore client fixed options, so AWS_ALLOW_HTTP does not reach it; a plain
+    # http endpoint (the loopback proxy) needs allow_http there too. Its other options are kept.
+    downloader._OBSTORE_CLIENT_OPTIONS = {**downloader._OBSTORE_CLIENT_OPTIONS, "allow_http": "true"}
 
     transform = _transform()
 
@@ -193,11 +203,11 @@ def child_client(kind: str, urls_file: str, connections: int) -> dict:
     return {"bytes": total, "seconds": seconds, "cpu_seconds": cpu}
 
 
-def child_index(url: str, output: str, read_ahead_mb: float) -> dict:
+def child_index(url: str, output: str, read_ahead_mb: float, chunk_mb: float) -> dict:
     from shardify import readahead
     from shardify.index import IndexOptions, index
 
-    readahead.configure(budget_bytes=int(read_ahead_mb * 2**20))
+    readahead.configure(budget_bytes=int(read_ahead_mb * 2**20), chunk_bytes=int(chunk_mb * 2**20))
     started = time.perf_counter()
     result = index([url], IndexOptions(output=output, workers=2))
     return {
@@ -221,7 +231,7 @@ def child_main(argv: list[str]) -> None:
     elif mode == "client":
         result = child_client(args[0], args[1], int(args[2]))
     else:
-        result = child_index(args[0], args[1], float(args[2]))
+        result = child_index(args[0], args[1], float(args[2]), float(args[3]))
     result["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(result), flush=True)
 
@@ -314,6 +324,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="dataloader workers (default: %(default)s)")
     parser.add_argument("--delays", default="0,40,100", help="first-byte delays in ms (default: %(default)s)")
     parser.add_argument("--no-peers", action="store_true", help="measure streamtrain alone")
+    parser.add_argument("--repeats", type=int, default=2, help="rounds of the rate runs; fastest kept")
     parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
@@ -331,6 +342,7 @@ def main() -> None:
     delays = [int(d) for d in args.delays.split(",")]
     k, n = str(args.workers), str(args.samples)
     results: dict[str, Any] = {"samples": args.samples, "workers": args.workers, "load": os.getloadavg()}
+    results["repeats"] = args.repeats
     with tempfile.TemporaryDirectory(dir=args.workdir, prefix="bench-remote-") as scratch:
         work = Path(scratch)
         print(f"making {args.samples} photos ...", file=sys.stderr)
@@ -344,27 +356,47 @@ def main() -> None:
             peers = {} if args.no_peers else make_peer_data(local, work)
             for name, path in list(peers.items()):
                 peers[name + "_s3"] = bench.upload(Path(path), name)
-            results["local"] = bench.run(None, "streamtrain", local, k, n, "32", "", "1")
-            for delay in delays:
-                with LatencyProxy(bench.server.endpoint, delay / 1000) as proxy:
-                    print(f"streamtrain at {delay} ms ...", file=sys.stderr)
-                    results[f"s3_{delay}"] = bench.run(proxy, "streamtrain", remote, k, n, "32", "", "1")
+            # Rounds of every loader in turn, the fastest of each kept: a machine whose load moves
+            # during the run slows some passes, and not always the same loader's.
+            for round_ in range(args.repeats):
+                print(f"round {round_ + 1} of {args.repeats} ...", file=sys.stderr)
+                keep(results, "local", bench.run(None, "streamtrain", local, k, n, "32", "", "1"))
+                for delay in delays:
+                    with LatencyProxy(bench.server.endpoint, delay / 1000) as proxy:
+                        run = bench.run(proxy, "streamtrain", remote, k, n, "32", "", "1")
+                        keep(results, f"s3_{delay}", run)
+                if peers:
+                    peer_rates = measure_peers(
+                        bench, peers, work / f"round-{round_}", k, n, [d for d in delays if d]
+                    )
+                    for key, run in peer_rates.items():
+                        keep(results.setdefault("peers", {}), key, run)
             with LatencyProxy(bench.server.endpoint, 0.04) as proxy:
                 results["s3_40_no_read_ahead"] = bench.run(proxy, "streamtrain", remote, k, n, "0", "", "1")
                 cache = str(work / "cache")
                 results["s3_40_cache"] = bench.run(proxy, "streamtrain", remote, k, n, "32", cache, "2")
                 results["clients"] = measure_clients(bench, proxy, remote, work)
                 results["index"] = {
-                    name: bench.run(proxy, "index", remote + "/", str(work / f"index-{name}"), mb)
-                    for name, mb in (("read_ahead", "32"), ("one_request", "0"))
+                    name: bench.run(proxy, "index", remote + "/", str(work / f"index-{name}"), mb, chunk)
+                    for name, mb, chunk in (("read_ahead", "32", "4"), ("one_request", "0", "1"))
                 }
-            if peers:
-                results["peers"] = measure_peers(bench, peers, work, k, n, [d for d in delays if d])
         finally:
             bench.server.stop()
+    results["load_end"] = os.getloadavg()
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     report(results)
+
+
+def keep(results: dict, key: str, run: dict) -> None:
+    """Keep the faster of ``run`` and the one already under ``key``; note every rate."""
+    rates = [*results.get(key, {}).get("rates", []), run["samples"] / run["seconds"]]
+    if (
+        key not in results
+        or run["samples"] / run["seconds"] > results[key]["samples"] / results[key]["seconds"]
+    ):
+        results[key] = run
+    results[key]["rates"] = rates
 
 
 def measure_clients(bench: Bench, proxy: Any, remote: str, work: Path) -> dict:
@@ -381,12 +413,11 @@ def measure_peers(bench: Bench, peers: dict[str, str], work: Path, k: str, n: st
     from tests.latencyproxy import LatencyProxy
 
     out: dict[str, Any] = {}
-    print("Mosaic and litdata, local ...", file=sys.stderr)
+    work.mkdir(parents=True, exist_ok=True)
     out["mosaic_local"] = bench.run(None, "mosaic", "", peers["mds"], k, n)
     out["litdata_local"] = bench.run(None, "litdata", peers["litdata"], "", k, n)
     for delay in delays:
         with LatencyProxy(bench.server.endpoint, delay / 1000) as proxy:
-            print(f"Mosaic and litdata at {delay} ms ...", file=sys.stderr)
             local = str(work / f"mosaic-cache-{delay}")
             out[f"mosaic_{delay}"] = bench.run(proxy, "mosaic", peers["mds_s3"], local, k, n)
             cache = str(work / f"litdata-cache-{delay}")
@@ -403,17 +434,23 @@ def report(r: dict) -> None:
 
     local = rate(r["local"])
     print(
-        f"\n## Reading from a far store ({r['samples']} photos of ~200 KB, {r['workers']} workers, batch {BATCH}, "
-        f"cold, one pass; load {r['load'][0]:.1f})\n"
+        f"\n## Reading from a far store ({r['samples']} photos of ~200 KB, {r['workers']} workers, "
+        f"batch {BATCH}, cold, one pass, fastest of {r['repeats']}; load {r['load'][0]:.1f} at the start, "
+        f"{r['load_end'][0]:.1f} at the end)\n"
     )
-    print("| loader | where | samples/s | x streamtrain local | peak RSS MB (tree) | MB fetched |")
+    print(
+        "| loader | where | samples/s | x streamtrain local | peak RSS MB (tree) | MB fetched in the pass |"
+    )
     print("|---|---|---:|---:|---:|---:|")
 
     def row(name: str, where: str, m: dict) -> None:
-        fetched = f"{m['proxy_bytes'] / 1e6:,.0f}" if "proxy_bytes" in m else "-"
+        # streamtrain's workers run on into the next epoch: count what came during the pass.
+        counted = m["epoch_bytes"][0] if m.get("epoch_bytes") else m.get("proxy_bytes")
+        fetched = f"{counted / 1e6:,.0f}" if counted is not None else "-"
+        rounds = ", ".join(f"{v:,.0f}" for v in m.get("rates", [rate(m)]))
         print(
-            f"| {name} | {where} | {rate(m):,.0f} | {rate(m) / local:.2f}x | {m.get('tree_peak_mb', 0):,.0f} | "
-            f"{fetched} |"
+            f"| {name} | {where} | {rate(m):,.0f} ({rounds}) | {rate(m) / local:.2f}x | "
+            f"{m.get('tree_peak_mb', 0):,.0f} | {fetched} |"
         )
 
     row("streamtrain", "local disk", r["local"])
@@ -430,11 +467,15 @@ def report(r: dict) -> None:
         f"epoch 2 {cache['epoch_bytes'][1] / 1e6:,.3f} MB fetched; epoch 2 at "
         f"{cache['epochs'][1]['samples'] / cache['epochs'][1]['seconds']:,.0f} samples/s"
     )
-    growth = r["s3_40"]["tree_peak_mb"] - r["local"]["tree_peak_mb"]
-    print(
-        f"loader RSS (tree peak) from S3 at 40 ms minus local: {growth:+,.0f} MB; read-ahead budget "
-        f"{r['workers']} workers x 32 MB = {32 * r['workers']} MB"
-    )
+    for delay in ("40", "100"):
+        if f"s3_{delay}" in r:
+            growth = r[f"s3_{delay}"]["workers_peak_mb"] - r["local"]["workers_peak_mb"]
+            print(
+                f"loader workers' peak RSS (summed) from S3 at {delay} ms minus local: {growth:+,.0f} MB; "
+                f"read-ahead budget {r['workers']} workers x 32 MB = {32 * r['workers']} MB"
+            )
+    cpu = {key: r[key]["cpu_seconds"] / r[key]["samples"] * 1000 for key in ("local", "s3_40") if key in r}
+    print(f"CPU per sample, whole loader: local {cpu['local']:.1f} ms, S3 at 40 ms {cpu['s3_40']:.1f} ms")
     s3_40 = rate(r["s3_40"])
     goals = [f"S3 40 ms / local = {s3_40 / local:.2f} (goal >= 0.9)"]
     if "s3_100" in r:
@@ -452,9 +493,9 @@ def report(r: dict) -> None:
     index = r["index"]
     print(
         f"\nshardify index on S3 at 40 ms: {index['read_ahead']['seconds']:.1f} s with read-ahead, "
-        f"{index['one_request']['seconds']:.1f} s one request at a time "
-        f"({index['one_request']['seconds'] / index['read_ahead']['seconds']:.1f}x); bytes read "
-        f"{index['read_ahead']['bytes_read'] / 1e6:,.0f} MB vs {index['one_request']['bytes_read'] / 1e6:,.0f} MB"
+        f"{index['one_request']['seconds']:.1f} s one 1 MB request at a time (as before) "
+        f"({index['one_request']['seconds'] / index['read_ahead']['seconds']:.1f}x); MB read "
+        f"{index['read_ahead']['bytes_read'] / 1e6:,.0f} vs {index['one_request']['bytes_read'] / 1e6:,.0f}"
     )
 
 

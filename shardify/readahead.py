@@ -33,7 +33,9 @@ half the CPU per GB at 4 MB as at 1 MB); readers that stop early clip it to wher
 DEFAULT_BUDGET_BYTES = 32 << 20
 """Per process (dataloader worker): 200 MB/s at 100 ms to first byte is 20 MB in flight; the
 rest covers the burst when all lanes of a worker load their next shuffle window at once."""
-MAX_CONNECTIONS = 64
+MIN_CHUNK_BYTES = 256 << 10
+"""The smallest request read-ahead makes (a worker with many open shards and a small budget)."""
+MAX_CONNECTIONS = 32
 PREFETCH_CHUNKS = 1
 """Chunks a prefetched object (the next shard of a lane) asks for before it is read: its first
 answer is what the lane waits for when it gets there; the rest comes at the lane's pace."""
@@ -69,7 +71,9 @@ class RangePool:
     ) -> None:
         self.budget_bytes = budget_bytes
         self.chunk_bytes = max(4096, chunk_bytes)  # a budget under one chunk: one request at a time
-        self.connections = max(2, min(MAX_CONNECTIONS, budget_bytes // self.chunk_bytes))
+        # A thread (and a connection) per request in flight, for requests of about 2 MB: more
+        # Python threads reading sockets cost more CPU in contention than they gain.
+        self.connections = max(2, min(MAX_CONNECTIONS, budget_bytes // (2 << 20)))
         self.reserved = 0
         """Bytes requested (queued, in flight or arrived) and not yet read or dropped."""
         self.peak_reserved = 0
@@ -129,7 +133,16 @@ class RangePool:
 
     def share(self) -> int:
         """Bytes one open object may have requested ahead of its reader."""
-        return max(self.chunk_bytes, self.budget_bytes // max(1, len(self._files)))
+        return self.budget_bytes // max(1, len(self._files))
+
+    def chunk_for(self, share: int) -> int:
+        """The size of one request of an object with ``share``: at least two fit in it (one being
+        read, one on the way), so many open objects get smaller requests, not none ahead; under
+        two of the smallest, whole chunks on demand (no read-ahead to speak of)."""
+        floor = min(MIN_CHUNK_BYTES, self.chunk_bytes)
+        if share < 2 * floor:
+            return self.chunk_bytes
+        return max(floor, min(self.chunk_bytes, share // 2))
 
     def room(self) -> int:
         return self.budget_bytes - self.reserved
@@ -242,7 +255,8 @@ class ReadAheadFile:
         if self.closed:
             return
         end = self._end()
-        chunk = self.pool.chunk_bytes
+        share = self.pool.share()
+        chunk = self.pool.chunk_for(share)
         while True:
             if end is not None and self._next >= end:
                 return
@@ -253,7 +267,7 @@ class ReadAheadFile:
             if len(self._chunks) >= cap:
                 return
             must = demand and not self._chunks
-            if not must and (outstanding + chunk > self.pool.share() or self.pool.room() < chunk):
+            if not must and (outstanding + chunk > share or self.pool.room() < chunk):
                 return
             stop = self._next + chunk if end is None else min(end, self._next + chunk)
             self.pool.reserve(stop - self._next)
