@@ -256,7 +256,10 @@ class ReadAheadFile:
             return
         end = self._end()
         share = self.pool.share()
-        chunk = self.pool.chunk_for(share)
+        # Requests start small and double with every one read through (a header scan that
+        # skips large members keeps them small; a forward reader reaches full size in a few).
+        floor = min(MIN_CHUNK_BYTES, self.pool.chunk_bytes)
+        chunk = min(self.pool.chunk_for(share), floor << min(self.window - 1, 16))
         while True:
             if end is not None and self._next >= end:
                 return

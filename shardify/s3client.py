@@ -96,8 +96,19 @@ def get_bytes(url: str) -> bytes:
 
 def upload(local_path: str, url: str) -> None:
     """``local_path`` uploaded to ``url``, in concurrent parts when large (visible when complete)."""
+    import boto3.exceptions
+
     bucket, key = split(url)
-    client().upload_file(local_path, bucket, key)
+    try:
+        client().upload_file(local_path, bucket, key)
+    except boto3.exceptions.S3UploadFailedError as exc:
+        # As s3fs did: the errors writers already handle (a read-only prefix, a missing bucket).
+        text = str(exc)
+        if "AccessDenied" in text or "Forbidden" in text:
+            raise PermissionError(text) from exc
+        if "NoSuchBucket" in text:
+            raise FileNotFoundError(text) from exc
+        raise OSError(text) from exc
 
 
 def configured_tries() -> int | None:
