@@ -8,12 +8,14 @@ nothing is lost; an object whose size or tag changed in between is refused, neve
 
 from __future__ import annotations
 
+import io
 import logging
 import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from shardify import readahead
 from shardify.storage import Failure, ObjectInfo, ReadableFile, storage_for
 
 logger = logging.getLogger(__name__)
@@ -107,8 +109,22 @@ class RateLimitedLog:
         self.last, self.suppressed = now, 0
 
 
+@dataclass(frozen=True)
+class Extent:
+    """What a reader knows before opening an object: its size (from a manifest) and the byte it
+    will stop reading at, where it stops early (a lane ending inside a shard); read-ahead asks
+    for nothing past either."""
+
+    size: int | None = None
+    stop: int | None = None
+
+
 class ShardByteStream:
-    """Forward reads over one object (any registered storage) that resume where they failed."""
+    """Forward reads over one object (any registered storage) that resume where they failed.
+
+    On a store that reads byte ranges from any thread (S3), several range requests run ahead of
+    the reader (readahead.py: this process's budget, shared by its open objects).
+    """
 
     def __init__(
         self,
@@ -116,6 +132,7 @@ class ShardByteStream:
         retry: RetryPolicy | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         stats: ReadStats | None = None,
+        extent: Extent | None = None,
     ) -> None:
         self.url = url
         self.retry = retry or RetryPolicy()
@@ -123,8 +140,12 @@ class ShardByteStream:
         self.offset = 0
         """Bytes consumed (read or skipped) so far."""
         self._storage = storage_for(url)
+        self._ranges = self._storage.range_reader(url)
+        self._extent = extent or Extent()
         self._block_size = block_size
         self._skip_read = _REMOTE_SKIP_READ if self._storage.remote else _LOCAL_SKIP_READ
+        if self._ranges is not None:
+            self._skip_read = _LOCAL_SKIP_READ  # the read-ahead fetches around the reader
         self._file: ReadableFile | None = None
         self._file_pos = 0
         self._identity: ObjectInfo | None = None
@@ -138,6 +159,7 @@ class ShardByteStream:
             file, self._file = self._file, None
             try:
                 file.close()
+                self._count(file)
             except Exception:  # closing a broken connection must not hide the real error
                 logger.debug("closing %s failed", self.url, exc_info=True)
 
@@ -156,8 +178,10 @@ class ShardByteStream:
         position = self.offset + size - need
         self._buffer, self._buffer_pos = b"", 0
         while need > 0:
-            if need >= self._block_size:
-                wanted = need  # large payloads go straight into their own bytes object
+            if need >= self._block_size or self._ranges is not None:
+                # Large payloads go straight into their own bytes object; a read-ahead file holds
+                # its own window (asking for more would fetch past where the reader stops).
+                wanted = need
             else:
                 wanted = self._block_size if ahead else max(need, self._skip_read)
             chunk = self._fetch(position, wanted)
@@ -179,7 +203,8 @@ class ShardByteStream:
         if size <= available:
             self._buffer_pos += size
         else:
-            self.stats.bytes_skipped += size - available
+            if self._ranges is None:  # a read-ahead file counts what it never requested itself
+                self.stats.bytes_skipped += size - available
             self._buffer, self._buffer_pos = b"", 0
         self.offset += size
 
@@ -193,6 +218,9 @@ class ShardByteStream:
                     self._file.seek(position)
                     self._file_pos = position
                 data = self._file.read(size)
+            except readahead.ObjectChangedError as exc:
+                self.close()
+                raise ShardReadError(self.url, "changed", str(exc)) from exc
             except Exception as exc:
                 kind = self._storage.failure(exc)
                 if kind is None:
@@ -200,15 +228,42 @@ class ShardByteStream:
                 self._handle_failure(exc, kind, position)
                 continue
             self._file_pos += len(data)
-            self.stats.bytes_read += len(data)
-            self.stats.requests += 1
+            if not self._count(self._file):
+                self.stats.bytes_read += len(data)
+                self.stats.requests += 1
             if self._failures:
                 logger.info("%s: reading at byte %d after %d failures", self.url, position, self._failures)
                 self._failures = 0
             return data
 
+    def _count(self, file: ReadableFile) -> bool:
+        """Move a read-ahead file's fetched bytes and answers into the stats (False: not one)."""
+        if not isinstance(file, readahead.ReadAheadFile):
+            return False
+        self.stats.bytes_read += file.fetched
+        self.stats.requests += file.answers
+        self.stats.bytes_skipped += file.skipped
+        file.fetched = file.answers = file.skipped = 0
+        return True
+
     def _open(self, position: int) -> ReadableFile:
+        if self._ranges is not None:
+            extent = self._extent
+            ahead = readahead.pool().open(self.url, self._ranges, position, extent.stop, extent.size)
+            try:
+                ahead.first_answer()
+            except BaseException:
+                ahead.close()
+                raise
+            self._file_pos = position
+            if ahead.size is None and ahead.etag is None:
+                return ahead  # an answer that says nothing of the object (a range past its end)
+            return self._check_identity(ahead, ObjectInfo(ahead.size, ahead.etag), position)
         file, identity = self._storage.open(self.url)
+        self._file_pos = 0
+        return self._check_identity(file, identity, position)
+
+    def _check_identity(self, file: ReadableFile, identity: ObjectInfo, position: int) -> ReadableFile:
         if self._identity is not None:
             self.stats.reopens += 1
             self.stats.reopened_bytes += position
@@ -218,17 +273,24 @@ class ShardByteStream:
                 detail = f"size/ETag {(was.size, was.etag)} became {(now.size, now.etag)}"
                 raise ShardReadError(self.url, "changed", detail)
         self._identity = identity
-        self._file_pos = 0
         return file
 
     def _handle_failure(self, exc: Exception, kind: Failure, position: int) -> None:
-        """Count the failure and wait before the next try, or raise ShardReadError when out of tries."""
-        self.close()
+        """Count the failure and wait before the next try, or raise ShardReadError when out of tries.
+
+        A read-ahead file stays open: only its failed requests are sent again (what arrived ahead
+        of them is kept, so nothing is fetched twice); any other file is reopened at ``position``.
+        """
+        ahead = self._file if isinstance(self._file, readahead.ReadAheadFile) else None
+        if ahead is None or not kind.retried:
+            self.close()
+            ahead = None
         self._failures += 1
         # Local files do not appear late; on S3 a fresh object may be listed before it can be read.
         missing = self.retry.missing_attempts if self._storage.remote else 1
         limit = missing if kind is Failure.MISSING else self.retry.attempts if kind.retried else 1
         if self._failures >= limit:
+            self.close()
             reason = "unavailable" if kind.retried else kind.value
             raise ShardReadError(self.url, reason, f"{type(exc).__name__}: {exc}") from exc
         self.stats.retries += 1
@@ -238,3 +300,85 @@ class ShardByteStream:
             f"{self.url}: {kind.value} at byte {position} ({type(exc).__name__}: {exc}); {retrying}"
         )
         time.sleep(delay)
+        if ahead is not None:
+            self.stats.reopens += 1
+            self.stats.reopened_bytes += position
+            ahead.resend_failed()
+
+
+class RangeInput(io.RawIOBase):
+    """A remote object as a seekable binary file (what pyarrow reads a parquet input through),
+    read with read-ahead and riding out transient errors as shard streams do; a read that still
+    fails raises OSError (FileNotFoundError, PermissionError) naming the object."""
+
+    def __init__(self, url: str, size: int, retry: RetryPolicy | None = None) -> None:
+        super().__init__()
+        self.url = url
+        self.size = size
+        self.retry = retry or RetryPolicy()
+        self._storage = storage_for(url)
+        reader = self._storage.range_reader(url)
+        if reader is None:
+            raise ValueError(f"{url}: its storage reads no byte ranges")
+        self._reader = reader
+        self._file: readahead.ReadAheadFile | None = None
+        self._position = 0
+        self._warnings = RateLimitedLog(logger, self.retry.log_interval_s)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        want = min(len(buffer), max(0, self.size - self._position))
+        if want == 0:
+            return 0
+        failures = 0
+        while True:
+            try:
+                if self._file is None:
+                    self._file = readahead.pool().open(self.url, self._reader, self._position, size=self.size)
+                if self._file.position != self._position:
+                    self._file.seek(self._position)
+                data = self._file.read(want)
+                break
+            except Exception as exc:
+                kind = self._storage.failure(exc)
+                failures += 1
+                if kind is None or not kind.retried or failures >= self.retry.attempts:
+                    self.close()
+                    raise _as_os_error(self.url, exc, kind) from exc
+                delay = self.retry.backoff_s(failures)
+                self._warnings.warn(f"{self.url}: {kind.value} at byte {self._position} ({exc}); retrying")
+                time.sleep(delay)
+                if self._file is not None:
+                    self._file.resend_failed()
+        buffer[: len(data)] = data
+        self._position += len(data)
+        return len(data)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        super().close()
+
+
+def _as_os_error(url: str, exc: Exception, kind: Failure | None) -> OSError:
+    if isinstance(exc, OSError):
+        return exc
+    kinds: dict[Failure | None, type[OSError]] = {
+        Failure.MISSING: FileNotFoundError,
+        Failure.DENIED: PermissionError,
+    }
+    return kinds.get(kind, OSError)(f"cannot read {url}: {type(exc).__name__}: {exc}")

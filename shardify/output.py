@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Iterable
 
 from shardify.sources import InputError
-from shardify.storage import as_user_error, filesystem, is_remote, join
+from shardify.storage import as_user_error, filesystem, is_remote, join, storage_for
 
 WORK_DIR = ".shardify"
 
@@ -57,7 +57,7 @@ class Output:
     def publish(self, scratch_name: str, name: str) -> None:
         local = self.scratch_path(scratch_name)
         if self.remote:
-            self.fs.put_file(local, self.path(name))
+            storage_for(self.url).upload(local, f"{self.url}/{name}")
             os.remove(local)
         else:
             _fsync(local)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import glob
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shardify.bytestream import RangeInput
 from shardify.format import SCHEMAS
 from shardify.storage import as_user_error, filesystem, is_remote, storage_for
 
@@ -67,10 +69,10 @@ class ParquetInput:
     def open(self) -> pq.ParquetFile:
         # pre_buffer would read every requested row group up front: memory would grow with
         # the file. Without it, pyarrow streams one row group's pages at a time.
-        fs, path = filesystem(self.url)
+        _, path = filesystem(self.url)
         if not is_remote(self.url):
             return pq.ParquetFile(path, pre_buffer=False)
-        return pq.ParquetFile(fs.open(path, "rb"), buffer_size=1 << 20, pre_buffer=False)
+        return pq.ParquetFile(_open_remote(self.url, self.size), buffer_size=1 << 20, pre_buffer=False)
 
     def iter_batches(
         self, start_row: int, end_row: int, batch_rows: int, columns: list[str]
@@ -114,8 +116,9 @@ def open_inputs(urls: list[str]) -> list[ParquetInput]:
         try:
             with as_user_error(InputError, url):
                 fs, path = filesystem(url)
-                size = int(fs.size(path))
-                with fs.open(path, "rb") as handle:
+                size = int(storage_for(url).stat(url).size or 0) if is_remote(url) else int(fs.size(path))
+                handle = _open_remote(url, size) if is_remote(url) else fs.open(path, "rb")
+                with handle:
                     metadata = pq.ParquetFile(handle).metadata
                     schema = metadata.schema.to_arrow_schema()
         except FileNotFoundError:
@@ -131,6 +134,15 @@ def open_inputs(urls: list[str]) -> list[ParquetInput]:
         rows = [group.num_rows for group in groups]
         inputs.append(ParquetInput(url, index, metadata.num_rows, rows, schema, size, row_bytes))
     return inputs
+
+
+def _open_remote(url: str, size: int) -> Any:
+    """A remote parquet file opened for pyarrow: through the read-ahead (range requests in flight,
+    retries) where its storage reads byte ranges, else through its filesystem."""
+    if storage_for(url).range_reader(url) is not None:
+        return RangeInput(url, size)
+    fs, path = filesystem(url)
+    return fs.open(path, "rb")
 
 
 def is_binary(field: pa.Field) -> bool:

@@ -13,6 +13,7 @@ for manifests and shards.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import re
 import time
@@ -24,9 +25,13 @@ from urllib.parse import urlsplit
 
 import fsspec
 
+from shardify import s3client
+from shardify.readahead import RangeReader
+
 try:  # only S3 needs these; a local-only install may lack them
     import aiohttp
     import botocore.exceptions
+    import urllib3.exceptions
 
     _CLIENT_ERRORS: tuple[type[BaseException], ...] = (botocore.exceptions.ClientError,)
     _CONNECT_ERRORS: tuple[type[BaseException], ...] = (
@@ -36,13 +41,12 @@ try:  # only S3 needs these; a local-only install may lack them
     _TRANSIENT_LIBRARY_ERRORS: tuple[type[BaseException], ...] = (
         botocore.exceptions.BotoCoreError,
         aiohttp.ClientError,
+        urllib3.exceptions.HTTPError,  # a body cut off mid-read (botocore wraps most of them)
     )
 except ImportError:
     _CLIENT_ERRORS = _CONNECT_ERRORS = _TRANSIENT_LIBRARY_ERRORS = ()
 
 _ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
-# botocore's documented defaults: total tries of one request in its legacy and standard modes.
-_BOTOCORE_DEFAULT_TRIES = {"legacy": 5, "standard": 3}
 
 
 class Failure(enum.StrEnum):
@@ -116,6 +120,21 @@ class StorageBackend:
         info = fs.info(path)
         return ObjectInfo(info.get("size"), info.get("ETag"))
 
+    def range_reader(self, url: str) -> RangeReader | None:
+        """A function that reads one byte range of ``url`` per call, from any thread: readers
+        then keep several requests in flight (readahead.py). None: read through ``open``."""
+        return None
+
+    def read_bytes(self, url: str) -> bytes:
+        """All of ``url`` (a small object: a manifest, a checksum file)."""
+        fs, path = self.filesystem(url)
+        return fs.cat_file(path)
+
+    def upload(self, local_path: str, url: str) -> None:
+        """``local_path`` stored as ``url``, visible only when complete."""
+        fs, path = self.filesystem(url)
+        fs.put_file(local_path, path)
+
     def failure(self, exc: BaseException) -> Failure | None:
         """The kind of storage error ``exc`` is; None for anything else (a bug: re-raise it)."""
         if isinstance(exc, FileNotFoundError | NotADirectoryError | IsADirectoryError):
@@ -152,11 +171,26 @@ class LocalStorage(StorageBackend):
 
 
 class S3Storage(StorageBackend):
-    """S3 through s3fs, with the standard AWS environment (credentials, profile, region); an
-    S3-compatible store is named with ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``."""
+    """S3 with the standard AWS environment (credentials, profile, region); an S3-compatible
+    store is named with ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``. Object bytes move
+    through botocore range GETs from many threads (s3client.py); listings and small writes go
+    through s3fs's filesystem."""
 
     # No read-ahead cache: a reader asks for exactly the ranges it wants (and resumes them).
     open_options: ClassVar[dict[str, Any]] = {"cache_type": "none"}
+
+    def range_reader(self, url: str) -> RangeReader:
+        return functools.partial(s3client.get_range, url)
+
+    def stat(self, url: str) -> ObjectInfo:
+        size, etag = s3client.head(url)
+        return ObjectInfo(size, etag)
+
+    def read_bytes(self, url: str) -> bytes:
+        return s3client.get_bytes(url)
+
+    def upload(self, local_path: str, url: str) -> None:
+        s3client.upload(local_path, url)  # concurrent parts when large; one object when done
 
     def filesystem(self, url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         options: dict[str, Any] = {}
@@ -192,21 +226,13 @@ class S3Storage(StorageBackend):
         else:
             endpoint = configured[1] if configured else "the AWS S3 endpoint"
         named = f" (from {configured[0]})" if configured else ""
-        tries = self._client_tries(url)
+        tries = s3client.configured_tries()
         counted = f"{tries} {'try' if tries == 1 else 'tries'} in " if tries else ""
         return (
             f"cannot reach the S3 endpoint {endpoint}{named} for {url}: no connection after {counted}"
             f"{waited_s:.1f} s ({type(exc).__name__}); check the endpoint URL, the credentials "
             "and the network"
         )
-
-    def _client_tries(self, url: str) -> int | None:
-        """How often botocore tried the request itself (AWS_MAX_ATTEMPTS or its mode's default)."""
-        try:
-            retries = self.filesystem(url)[0].s3.meta.config.retries or {}
-        except Exception:  # no client was made: nothing to report
-            return None
-        return retries.get("total_max_attempts") or _BOTOCORE_DEFAULT_TRIES.get(retries.get("mode", ""))
 
 
 def _configured_endpoint() -> tuple[str, str] | None:

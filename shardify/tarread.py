@@ -13,9 +13,16 @@ import zlib
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
-from shardify.bytestream import DEFAULT_BLOCK_SIZE, ReadStats, RetryPolicy, ShardByteStream, ShardReadError
+from shardify.bytestream import (
+    DEFAULT_BLOCK_SIZE,
+    Extent,
+    ReadStats,
+    RetryPolicy,
+    ShardByteStream,
+    ShardReadError,
+)
 from shardify.format import parse_checksums
-from shardify.storage import filesystem
+from shardify.storage import storage_for
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,7 @@ def iter_samples(
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     fetch: MemberFilter | None = None,
     checksums: Mapping[str, int] | None = None,
+    extent: Extent | None = None,
 ) -> Iterator[dict[str, Any]]:
     """The samples of shard ``url`` with index in ``[first, stop)``, in order.
 
@@ -60,12 +68,13 @@ def iter_samples(
     With ``checksums`` (member basename -> CRC-32, see ``load_checksums``) every member read is
     verified; a sample with a mismatching member gets ``"__checksum_error__"`` (which member, both
     values) so callers skip and count it. Members the mapping does not list are not verified.
+    ``extent`` (the shard's size, the byte the caller stops near) bounds the read-ahead.
     """
     if first < 0 or (stop is not None and stop < first):
         raise ValueError(f"bad sample range [{first}, {stop}) for {url}")
     if stop is not None and first >= stop:
         return iter(())
-    stream = ShardByteStream(url, retry, block_size, stats)
+    stream = ShardByteStream(url, retry, block_size, stats, extent)
     return _read_samples(stream, first, stop, max_member_bytes, fetch, checksums)
 
 
@@ -74,11 +83,12 @@ def load_checksums(url: str) -> Mapping[str, int] | None:
     """A shard's member checksums from its ``.crc32.json`` file at ``url``; None (and a warning)
     when it cannot be read, so that the shard is still read, unverified. Cached: a worker opens
     the same shard once per lane reading it."""
+    storage = storage_for(url)
     try:
-        fs, path = filesystem(url)
-        with fs.open(path, "r", encoding="utf-8") as handle:
-            return parse_checksums(handle.read())
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return parse_checksums(storage.read_bytes(url).decode("utf-8"))
+    except Exception as exc:
+        if not isinstance(exc, ValueError | KeyError | TypeError) and storage.failure(exc) is None:
+            raise
         log.warning("reading %s unverified: its checksums cannot be read (%s)", url, exc)
         return None
 

@@ -35,8 +35,11 @@ def clear_filesystem_caches() -> None:
     """Forget cached filesystem instances (each fsspec class keeps its own instance cache)."""
     import s3fs
 
+    from shardify import s3client
+
     fsspec.AbstractFileSystem.clear_instance_cache()
     s3fs.S3FileSystem.clear_instance_cache()
+    s3client.forget_clients()
 
 
 @pytest.fixture

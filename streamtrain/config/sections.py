@@ -107,6 +107,18 @@ class DataConfig:
     """Wait after the first failed try of a read; it doubles with every further failure (jittered)."""
     retry_max_backoff_s: float = 8.0
     """Ceiling of the wait between two tries of one read."""
+    read_ahead_mb: float = 32.0
+    """Remote shards (S3): megabytes each loader worker keeps requested ahead of its readers, over
+    all its open shards, in concurrent range requests (the budget it may hold beyond what it
+    reads). What a worker must have in flight to read at rate R from a store answering after L
+    seconds is R x L: 32 MB covers 200 MB/s per worker at 100 ms, with room for the burst of its
+    lanes' next shuffle windows. 0: one request at a time."""
+    cache_dir: str | None = None
+    """Keep whole remote shards on local disk here (shared by the node's workers and ranks): a
+    later epoch reads them locally, verified against their checksums. Off when unset."""
+    cache_limit: str | int = "50GB"
+    """Most the cache holds (``500MB``, ``20GB``, ``1TiB`` or bytes); least recently used shards
+    are removed first. A shard larger than it is read from the store, uncached."""
     image_size: int = 224
     """Square size images are cropped to."""
     horizontal_flip: bool = True
@@ -146,7 +158,40 @@ class DataConfig:
                 f"({self.retry_backoff_s})"
             )
         found += _at_least(self, ("image_size", 8), ("max_question_tokens", 1), ("max_answer_tokens", 2))
+        if not self.read_ahead_mb >= 0:
+            found.append(f"read_ahead_mb: {self.read_ahead_mb} must be >= 0")
+        try:
+            if cache_limit_bytes(self.cache_limit) <= 0:
+                found.append(f"cache_limit: {self.cache_limit!r} must be more than 0 bytes")
+        except ValueError:
+            found.append(f"cache_limit: {self.cache_limit!r} is not a size (such as 500MB, 20GB or 1TiB)")
         return found
+
+
+_SIZE_UNITS = (
+    *(("KIB", 2**10), ("MIB", 2**20), ("GIB", 2**30), ("TIB", 2**40)),
+    *(("KB", 10**3), ("MB", 10**6), ("GB", 10**9), ("TB", 10**12), ("B", 1)),
+)
+
+
+def cache_limit_bytes(text: str | int | float) -> int:
+    """Bytes in a ``cache_limit``: a number, or one with a unit (KB/MB/GB/TB by 1000, KiB/MiB/GiB/TiB
+    by 1024). ValueError if it is not one."""
+    value = text
+    factor = 1
+    if isinstance(text, str):
+        spoken = text.strip().upper().replace(" ", "")
+        for unit, size in _SIZE_UNITS:
+            if spoken.endswith(unit):
+                spoken, factor = spoken[: -len(unit)], size
+                break
+        value = spoken
+    if isinstance(value, bool):
+        raise ValueError(f"not a size: {text!r}")
+    number = float(value)
+    if not number >= 0:
+        raise ValueError(f"not a size: {text!r}")
+    return int(number * factor)
 
 
 def _source_list_problems(value: Any, key: str, weighted: bool) -> list[str]:

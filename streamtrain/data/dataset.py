@@ -29,6 +29,8 @@ class ShardInfo:
     """Keys of samples the manifest marks as failing to decode: read past, never decoded."""
     checksums: str | None = field(default=None, compare=False)
     """URL of the shard's member checksums (``<shard>.crc32.json``); None where not recorded."""
+    size: int | None = field(default=None, compare=False)
+    """Bytes of the tar file, as the manifest records them (bounds read-ahead)."""
 
     def member_checksums(self) -> Mapping[str, int] | None:
         """What readers verify members against (loaded once per process and shard)."""

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shardify.bytestream import RateLimitedLog, ReadStats, RetryPolicy, ShardReadError
-from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES, iter_samples
+from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES
 from streamtrain.data.counts import Decode, count_reads, decode_samples
 from streamtrain.data.dataset import ShardInfo, Source
 from streamtrain.data.handover import Packed, step_rows
@@ -46,6 +46,7 @@ from streamtrain.data.lanes import (
     level_of,
 )
 from streamtrain.data.mixture import apportion
+from streamtrain.data.remote import RemoteReads, ShardOpener, ShardSpan
 from streamtrain.data.ring import RingControl, RingWriter
 
 log = logging.getLogger(__name__)
@@ -181,8 +182,11 @@ class ElasticStream(IterableDataset):
         decode: Decode,
         settings: StreamConfig,
         retry: RetryPolicy | None = None,
+        reads: RemoteReads | None = None,
     ) -> None:
         self.layout = layout
+        self.reads = reads
+        """Read-ahead and cache of remote shards (``data.read_ahead_mb``, ``data.cache_dir``)."""
         self.rank = rank
         self.num_workers = num_workers
         self.readers = max(1, num_workers)
@@ -223,8 +227,15 @@ class _WorkerReader:
         self.failed: dict[tuple[int, int, str], int] = {}
         """Per (source, epoch, shard): where reading it failed; what lies before is still read."""
         self.mixed = len(self.layout.sources) > 1
+        self.opener = ShardOpener(stream.reads, stream.retry, self.read_stats)
 
     def steps(self) -> Iterator[tuple[int, Packed, dict[str, int]]]:
+        try:
+            yield from self._steps()
+        finally:  # a stopping worker cancels the reads it has queued or in flight
+            self.opener.close()
+
+    def _steps(self) -> Iterator[tuple[int, Packed, dict[str, int]]]:
         progress = self.stream.start.copy()
         in_worker = get_worker_info() is not None
         writer = RingWriter(self.stream.control) if in_worker and self.stream.control is not None else None
@@ -313,6 +324,7 @@ class _Lane:
         self.counts: Counter[str] = Counter()
         self.open: tuple[str, int, Iterator[dict[str, Any]]] | None = None
         """(shard url, index of its next sample, its sample iterator)."""
+        self._spans: list[tuple[int, int, int]] | None = None
 
     def get(self, round_: int) -> tuple[dict[str, Any] | None, int]:
         """The raw sample emitted at ``round_`` of this lane, and its epoch-order position."""
@@ -382,13 +394,31 @@ class _Lane:
     def _reader(self, shard: ShardInfo, first: int) -> Iterator[dict[str, Any]]:
         if self.open is not None and self.open[:2] == (shard.url, first):
             return self.open[2]
-        settings = self.owner.stream.settings
-        return iter_samples(
-            shard.url,
-            first,
-            None,
-            self.owner.stream.retry,
-            max_member_bytes=settings.max_member_bytes,
-            stats=self.owner.read_stats,
-            checksums=shard.member_checksums(),
-        )
+        span, following = self._span_at(shard, first)
+        opener = self.owner.opener
+        if following is not None:  # the lane's next shard: its first bytes on the way now
+            opener.prefetch(following)
+        return opener.open_shard(span, self.owner.stream.settings.max_member_bytes)
+
+    def _span_at(self, shard: ShardInfo, first: int) -> tuple[ShardSpan, ShardSpan | None]:
+        """What the lane reads of ``shard`` from sample ``first`` on, and the run after it."""
+        if self._spans is None:  # the lane's runs of shards, front to back (arithmetic only)
+            order = self.owner.shard_order(self.index, self.epoch)
+            start = self.lane * self.level.rounds
+            self._spans = [
+                piece
+                for run in self.level.epoch_ranges(start, start + self.level.rounds)
+                for piece in order.pieces(*run)
+            ]
+        shards = self.owner.layout.sources[self.index].shards
+        for k, (index, lo, hi) in enumerate(self._spans):
+            if shards[index].url == shard.url and lo <= first < hi:
+                if k + 1 == len(self._spans):
+                    return _span(shard, first, hi), None
+                after, after_first, after_stop = self._spans[k + 1]
+                return _span(shard, first, hi), _span(shards[after], after_first, after_stop)
+        return _span(shard, first, shard.samples), None
+
+
+def _span(shard: ShardInfo, first: int, stop: int) -> ShardSpan:
+    return ShardSpan(shard.url, first, stop, shard.samples, shard.size, shard.checksums)

@@ -15,6 +15,7 @@ import torch
 from shardify.bytestream import RetryPolicy
 from shardify.format import IMAGE_EXTENSIONS
 from streamtrain.config import DataConfig, EvalConfig, SourceSpec, source_name
+from streamtrain.config.sections import cache_limit_bytes
 from streamtrain.config.weights import schedule
 from streamtrain.data.counts import Collate, Decode
 from streamtrain.data.dataset import Dataset, Source
@@ -22,6 +23,7 @@ from streamtrain.data.device_decode import finish_batch
 from streamtrain.data.elastic import ElasticStream, Layout, StreamConfig
 from streamtrain.data.eval import EvalStream, eval_batches
 from streamtrain.data.loader import ElasticLoader
+from streamtrain.data.remote import RemoteReads
 from streamtrain.data.sample_log import SampleLog
 from streamtrain.data.shards import DataSourceError, resolve
 from streamtrain.errors import UserError
@@ -80,7 +82,9 @@ def train_loader(
     settings = StreamConfig(
         seed=seed, shuffle_buffer=data.shuffle_buffer, max_member_bytes=_member_bytes(data)
     )
-    stream = ElasticStream(layout, rank, data.num_workers, decode, settings, retry_policy(data))
+    stream = ElasticStream(
+        layout, rank, data.num_workers, decode, settings, retry_policy(data), remote_reads(data)
+    )
     sample_log = SampleLog(data.sample_log, rank) if data.sample_log else None
 
     return ElasticLoader(
@@ -143,6 +147,15 @@ def decode_device(data: DataConfig, device: torch.device, dataset: Dataset) -> t
     jpeg = images.get("jpg", 0) + images.get("jpeg", 0)
     mostly_jpeg = not images or jpeg * 2 >= sum(images.values())
     return device if device.type == "cuda" and mostly_jpeg else None
+
+
+def remote_reads(data: DataConfig) -> RemoteReads:
+    """How workers read remote shards: ``data.read_ahead_mb``, ``data.cache_dir``, ``data.cache_limit``."""
+    return RemoteReads(
+        read_ahead_bytes=int(data.read_ahead_mb * 2**20),
+        cache_dir=data.cache_dir,
+        cache_limit_bytes=cache_limit_bytes(data.cache_limit),
+    )
 
 
 def retry_policy(data: DataConfig) -> RetryPolicy:

@@ -48,7 +48,7 @@ def _shard_info(url: str, entry: ShardEntry, manifest: Manifest, manifest_dir: s
     """One listed shard; its checksum file lies beside the manifest (which may not be where the
     shards are: ``shardify index --output``)."""
     checksums = join(manifest_dir, entry.name + CHECKSUMS_SUFFIX) if manifest.checksums else None
-    return ShardInfo(url, entry.samples, frozenset(entry.broken), checksums)
+    return ShardInfo(url, entry.samples, frozenset(entry.broken), checksums, entry.bytes or None)
 
 
 def _resolve_one(source: str) -> tuple[list[ShardInfo], str, Counter[str]]:

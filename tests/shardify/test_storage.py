@@ -13,6 +13,7 @@ import pytest
 import s3fs
 
 from shardify.convert import ConvertOptions, convert
+from shardify.readahead import RangeReader
 from shardify.sources import InputError
 from shardify.storage import (
     LocalStorage,
@@ -98,11 +99,13 @@ class _RecordingLocal(LocalStorage):
 
 
 class _RecordingS3(S3Storage):
+    """S3 whose range reads (the read-ahead's requests) are recorded."""
+
     opened: ClassVar[list[str]] = []
 
-    def open(self, url: str) -> tuple[ReadableFile, ObjectInfo]:
+    def range_reader(self, url: str) -> RangeReader:
         _RecordingS3.opened.append(url)
-        return super().open(url)
+        return super().range_reader(url)
 
 
 def test_local_reads_go_through_the_table(shards: Path) -> None:

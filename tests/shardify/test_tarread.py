@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import s3fs
 
-from shardify import bytestream
+from shardify import bytestream, readahead, s3client
 from shardify.bytestream import ReadStats, RetryPolicy, ShardReadError
 from shardify.convert import ConvertOptions, convert
 from shardify.storage import LocalStorage
@@ -338,6 +338,9 @@ def test_s3_server_restart_mid_stream(
     # Without this botocore retries refused connections itself and the outage never reaches us.
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     s3fs.S3FileSystem.clear_instance_cache()
+    s3client.forget_clients()
+    # A read-ahead of 256 KB: the outage must come while most of the shard is still unread.
+    readahead.configure(budget_bytes=256 << 10, chunk_bytes=64 << 10)
     stats = ReadStats()
     policy = RetryPolicy(attempts=100, initial_backoff_s=0.05, max_backoff_s=0.2)
     failures: list[BaseException] = []
@@ -363,6 +366,8 @@ def test_s3_server_restart_mid_stream(
         if s3_env.process is None:
             s3_env.start()
         s3fs.S3FileSystem.clear_instance_cache()  # later tests must not get the retry-less client
+        s3client.forget_clients()
+        readahead.configure(readahead.DEFAULT_BUDGET_BYTES, readahead.DEFAULT_CHUNK_BYTES)
     assert not failures
     assert [s["__index__"] for s in samples] == list(range(100))
     assert [(s["__key__"], s["jpg"], s["json"]) for s in samples] == [

@@ -11,8 +11,8 @@ import pytest
 
 from shardify import bytestream
 from shardify.bytestream import RateLimitedLog
-from streamtrain.data import elastic as elastic_module
 from streamtrain.data import eval as eval_module
+from streamtrain.data import remote as remote_module
 from streamtrain.data.counts import decode_samples
 from streamtrain.data.dataset import Dataset, ShardInfo, Source
 from streamtrain.data.elastic import ElasticStream, Layout, StreamConfig
@@ -69,7 +69,7 @@ def test_training_batches_count_through_it_and_keep_their_size(monkeypatch: pyte
     def plain_list(url: str, first: int, stop: int | None, retry: Any = None, **options: Any) -> Any:
         return iter(readable[first:stop])
 
-    monkeypatch.setattr(elastic_module, "iter_samples", plain_list)
+    monkeypatch.setattr(remote_module, "iter_samples", plain_list)
     source = Source("plain", (ShardInfo("plain.tar", len(readable)),))
     # Batch 3: three lanes of two rounds, read in order (shuffle buffer 1); k8 is the remainder.
     stream = ElasticStream(Layout((source,), 0, 1, 3, 1), 0, 0, decode, StreamConfig(shuffle_buffer=1))

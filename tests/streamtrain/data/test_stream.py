@@ -162,7 +162,7 @@ def test_sample_log_of_an_interrupted_run_equals_an_uninterrupted_one(
 
 
 def test_each_shard_piece_is_opened_once_per_epoch(shards: Dataset, monkeypatch: pytest.MonkeyPatch) -> None:
-    import streamtrain.data.elastic as stream_module
+    import streamtrain.data.remote as stream_module
 
     opened = []
     real = stream_module.iter_samples
