@@ -8,7 +8,7 @@ from torch.utils.data import default_collate
 from streamtrain.data.chat import IGNORE_INDEX
 from streamtrain.data.device_decode import EncodedImages
 
-__all__ = ["IGNORE_INDEX", "answer_spans", "collate_alignment", "collate_vlm"]
+__all__ = ["IGNORE_INDEX", "answer_spans", "collate_alignment", "collate_vlm", "pack_rows"]
 
 
 def collate_alignment(samples: list[dict], text_tokenizer=None, max_text_tokens: int = 77) -> dict:
@@ -89,7 +89,7 @@ def collate_vlm(
                 f"collate_vlm: sample {sample['sample_id']!r} has no answer tokens to learn from"
             )
     lengths = [vision_tokens + len(sample["input_ids"]) for sample in samples]
-    rows = _pack_rows(lengths, max_seq_len) if pack else [[i] for i in range(len(samples))]
+    rows = pack_rows(lengths, max_seq_len) if pack else [[i] for i in range(len(samples))]
     order = [i for row in rows for i in row]
     laid_out = [samples[i] for i in order]
     width = max(sum(lengths[i] for i in row) for row in rows)
@@ -131,7 +131,7 @@ def collate_vlm(
     }
 
 
-def _pack_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:
+def pack_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:
     """Sample indices per row: first-fit decreasing into rows of ``capacity`` positions (a sample
     longer than that gets a row of its own); ties keep the samples' order."""
     if capacity is None:
