@@ -8,8 +8,9 @@ the projector into the decoder's embedding width and are placed before the conve
 
 Several such samples may share a row (``data.pack``), each attending only to itself.
 
-Logits are computed only at positions where a label is learned (the decoder's ``logits_to_keep``),
-so a 150k-token vocabulary costs [batch, answer positions, vocab], not [batch, length, vocab].
+Logits are computed only at positions where a label is learned (the decoder's output head applied
+to those hidden states), so a 150k-token vocabulary costs [answer tokens, vocab], not
+[batch, length, vocab].
 Generation is a greedy loop of decoder forward passes with a KV cache, not Hugging Face's
 ``generate()``: peft LoRA on a 4-bit model stops training once ``generate()`` has run on that
 model object (see ENVIRONMENT.md), and the loop keeps the vision prefix in one code path.
@@ -155,13 +156,13 @@ class VisionLanguageModel(nn.Module):
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         inputs = self.training_inputs(batch)
         labels = inputs.pop("labels")
-        # Position t predicts token t + 1: keep the positions whose next token is learned in any
-        # row (a 1-D ``logits_to_keep``, which every recent causal LM takes), then each row's own.
+        # Position t predicts token t + 1: the output head runs only at the positions whose next
+        # token is learned, row by row (a packed row's learned positions are many and scattered:
+        # the union over rows that ``logits_to_keep`` takes would cost several times as much).
         predicts = torch.zeros_like(labels, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        positions = predicts.any(dim=0).nonzero().squeeze(1)
-        logits = self.decoder(**inputs, logits_to_keep=positions, use_cache=False).logits
-        logits = logits[predicts[:, positions]]  # row-major, like the targets below
+        hidden = self.decoder.get_decoder()(**inputs, use_cache=False).last_hidden_state
+        logits = self.decoder.get_output_embeddings()(hidden[predicts])  # row-major, like the targets
         targets = labels[:, 1:][predicts[:, :-1]]
         return {
             "loss": F.cross_entropy(logits.float(), targets),

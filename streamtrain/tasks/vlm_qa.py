@@ -290,13 +290,12 @@ class VLMTask(Task):
 
     def summary(self, metrics: dict[str, float]) -> str:
         examples = "; ".join(f"{question!r} -> {answer!r}" for question, answer in self._examples)
+        turns = _per_turn(metrics)
         return (
             f"held-out ({int(metrics.get('eval/samples', 0))} samples, {int(metrics.get('eval/turns', 0))} "
             f"turns): exact match {metrics.get('eval/exact_match', float('nan')):.3f}"
-            + (f" ({turns})" if (turns := _per_turn(metrics)) else "")
-            + ", "
-            f"perplexity {metrics.get('eval/perplexity', float('nan')):.3f}, "
-            f"perplexity {metrics.get('eval/perplexity', float('nan')):.3f}, "
+            + (f" ({turns})" if turns else "")
+            + f", perplexity {metrics.get('eval/perplexity', float('nan')):.3f}, "
             f"BLEU {metrics.get('eval/bleu', float('nan')):.1f}, "
             f"ROUGE-L {metrics.get('eval/rouge_l', float('nan')):.3f}"
             + (f"; e.g. {examples}" if examples else "")
