@@ -2,19 +2,24 @@
 
 A stream of synthetic VLM samples whose lengths follow a PixMo-like mix (short questions, multi-turn
 conversations, document Q/A lists, long captions, pointing answers; ``MIX`` below) goes through the
-real ``collate_vlm`` and a real model: the small CNN encoder (64 px images, 64 vision tokens), the
-tiny Qwen2 decoder (LoRA, float32) and the VLM's forward and backward pass, as in training.
+real ``collate_vlm`` and a real model: the small CNN encoder (64 px images, 64 vision tokens), a
+small Qwen2 decoder of Qwen2's vocabulary (``--width``, ``--layers``; LoRA, float32) and the VLM's
+forward and backward pass, as in training.
 
 - unpacked: ``--batch`` samples a step, each row padded to the step's longest sample;
 - packed: rows of ``--max-seq-len`` filled first-fit decreasing, with as many samples a step as
-  keep every step within ``--batch`` rows: the same widest tensor, so the same peak memory.
+  keep every step's batch tensor (rows x width) within the unpacked run's widest: the same
+  largest activations. The answer loss runs in chunks (``answer_loss_sum``), so the logits of a
+  150k vocabulary do not grow with the tokens a step learns, and peak memory follows the batch
+  tensor.
 
 Each mode runs in a fresh process (its peak RSS is its own), on the same sample stream, for
 ``--steps`` timed steps after one warm-up step. Reported: real (non-pad) tokens per step, tokens/s
 (real tokens over wall time of forward + backward), padded positions per step, and peak RSS; then
 the ratios packed / unpacked.
 
-    python benchmarks/bench_packing.py [--steps 8] [--batch 8] [--max-seq-len 1024] [--json out.json]
+    python benchmarks/bench_packing.py [--steps 8] [--batch 8] [--max-seq-len 1024] [--width 128]
+                                       [--layers 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -94,33 +99,47 @@ def stream(seed: int, max_seq_len: int) -> Any:
         index += 1
 
 
-def packed_batch_size(steps: int, rows: int, max_seq_len: int, seed: int) -> int:
-    """The most samples a step that keep every one of ``steps`` steps within ``rows`` packed rows."""
-    size = rows
+def _steps_of(size: int, steps: int, max_seq_len: int, seed: int) -> list[list[int]]:
+    """Each step's sample lengths (vision tokens included), warm-up step first."""
+    source = stream(seed, max_seq_len)
+    return [
+        [VISION_TOKENS + sum(p + a for p, a in next(source)[1]) for _ in range(size)]
+        for _ in range(steps + 1)
+    ]
+
+
+def widest_unpacked(batch: int, steps: int, max_seq_len: int, seed: int) -> int:
+    """The largest batch tensor (rows x width) of the unpacked run: its peak of memory."""
+    return max(batch * max(lengths) for lengths in _steps_of(batch, steps, max_seq_len, seed))
+
+
+def packed_batch_size(steps: int, widest: int, max_seq_len: int, seed: int) -> int:
+    """The most samples a step whose packed rows never make a tensor wider than ``widest``."""
+    size = 1
     while True:
-        trial, lengths = stream(seed, max_seq_len), []
-        fits = True
-        for _ in range(steps + 1):
-            lengths = [VISION_TOKENS + sum(p + a for p, a in next(trial)[1]) for _ in range(size + 1)]
-            if len(pack_rows(lengths, max_seq_len)) > rows:
-                fits = False
-                break
-        if not fits:
-            return size
+        for lengths in _steps_of(size + 1, steps, max_seq_len, seed):
+            rows = pack_rows(lengths, max_seq_len)
+            if len(rows) * max(sum(lengths[i] for i in row) for row in rows) > widest:
+                return size
         size += 1
 
 
-def child(mode: str, batch: int, steps: int, max_seq_len: int, seed: int) -> dict[str, Any]:
+def child(
+    mode: str, batch: int, steps: int, max_seq_len: int, seed: int, width: int, layers: int
+) -> dict[str, Any]:
     from streamtrain.models.decoder import LoraSettings, load_decoder
-    from streamtrain.models.qwen import write_tiny_qwen2
+    from streamtrain.models.qwen import tiny_qwen2_config, write_tiny_qwen2
     from streamtrain.models.vision import SmallCNNEncoder
     from streamtrain.models.vlm import VisionLanguageModel
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as folder:
-        write_tiny_qwen2(folder)
+        write_tiny_qwen2(
+            folder,
+            tiny_qwen2_config(hidden_size=width, layers=layers, heads=width // 32, kv_heads=width // 64),
+        )
         decoder = load_decoder(folder, "lora", torch.float32, torch.device("cpu"), LoraSettings(), False)
-    model = VisionLanguageModel(SmallCNNEncoder(16), decoder, [151645], 151643, None, 128).train()
+    model = VisionLanguageModel(SmallCNNEncoder(16), decoder, [151645], 151643, None, width).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     rng, source, image = random.Random(seed + 1), stream(seed, max_seq_len), torch.zeros(3, 64, 64)
     totals = {"real_tokens": 0, "padded_positions": 0, "samples": 0, "rows": 0, "seconds": 0.0, "widest": 0}
@@ -166,14 +185,20 @@ def main() -> None:
         "--max-seq-len", type=int, default=1024, help="positions a row (default: %(default)s)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=int, default=128, help="decoder hidden size (default: %(default)s)")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers (default: %(default)s)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--child", choices=("packed", "unpacked"), help=argparse.SUPPRESS)
     parser.add_argument("--child-batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.child_batch, args.steps, args.max_seq_len, args.seed)))
+        found = child(
+            args.child, args.child_batch, args.steps, args.max_seq_len, args.seed, args.width, args.layers
+        )
+        print(json.dumps(found))
         return
-    packed_batch = packed_batch_size(args.steps, args.batch, args.max_seq_len, args.seed)
+    widest = widest_unpacked(args.batch, args.steps, args.max_seq_len, args.seed)
+    packed_batch = packed_batch_size(args.steps, widest, args.max_seq_len, args.seed)
     results = []
     for mode, batch in (("unpacked", args.batch), ("packed", packed_batch)):
         command = [
@@ -189,6 +214,10 @@ def main() -> None:
             str(args.max_seq_len),
             "--seed",
             str(args.seed),
+            "--width",
+            str(args.width),
+            "--layers",
+            str(args.layers),
         ]
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, check=False)
         if done.returncode != 0:

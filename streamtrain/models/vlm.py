@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
 from streamtrain.data.collate import IGNORE_INDEX, answer_spans
@@ -49,9 +50,9 @@ class VisionLanguageModel(nn.Module):
     """Frozen ``vision`` encoder -> LayerNorm + projector (trainable) -> ``decoder`` (a causal LM).
 
     ``forward(batch)`` takes a ``collate_vlm`` batch and returns ``loss`` (mean cross-entropy
-    over answer tokens), ``logits`` [answer tokens, vocab], ``labels`` [answer tokens] and
-    ``answer_tokens``. ``answer_turns`` generates an answer to every turn of a batch, and
-    ``generate_answers`` to any prompts (``streamtrain.data.chat.encode_chat`` makes them).
+    over answer tokens, see ``answer_loss_sum``), ``labels`` [answer tokens] and ``answer_tokens``.
+    ``answer_turns`` generates an answer to every turn of a batch, and ``generate_answers`` to any
+    prompts (``streamtrain.data.chat.encode_chat`` makes them).
 
     Checkpoints (``state_dict``) hold only the trainable parameters: the frozen encoder and a
     frozen (possibly 4-bit) decoder base are rebuilt from their sources, so a QLoRA checkpoint of
@@ -162,11 +163,10 @@ class VisionLanguageModel(nn.Module):
         predicts = torch.zeros_like(labels, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         hidden = self.decoder.get_decoder()(**inputs, use_cache=False).last_hidden_state
-        logits = self.decoder.get_output_embeddings()(hidden[predicts])  # row-major, like the targets
         targets = labels[:, 1:][predicts[:, :-1]]
+        summed = answer_loss_sum(self.decoder.get_output_embeddings(), hidden[predicts], targets)
         return {
-            "loss": F.cross_entropy(logits.float(), targets),
-            "logits": logits,
+            "loss": summed / max(1, targets.numel()),
             "labels": targets,
             "answer_tokens": torch.tensor(targets.numel(), device=targets.device),
         }
@@ -254,6 +254,33 @@ class VisionLanguageModel(nn.Module):
             mask = torch.cat([mask, mask.new_ones((batch_size, 1))], dim=1)
             positions = positions[:, -1:] + 1
         return generated
+
+
+LOSS_CHUNK_LOGITS = 1 << 25
+"""Logits alive at once in the answer loss (float32: 128 MiB): 220 positions of a 151,936-token
+vocabulary. Without chunks, [answer tokens, vocab] would be the largest tensor of a step and grow
+with every token a step learns (2.4 GB for 4,000 answer tokens)."""
+
+
+def answer_loss_sum(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    """Summed cross-entropy of ``head(hidden)`` [N, vocab] against ``targets`` [N], computed in
+    chunks of positions whose logits are recomputed in backward instead of kept (activation
+    checkpointing): the memory of a step no longer grows with the tokens it learns."""
+    vocab = head.weight.shape[0]
+    size = max(1, LOSS_CHUNK_LOGITS // vocab)
+
+    def chunk_loss(part: Tensor, part_targets: Tensor) -> Tensor:
+        return F.cross_entropy(head(part).float(), part_targets, reduction="sum")
+
+    if len(targets) <= size:
+        return chunk_loss(hidden, targets)
+    chunks = [(hidden[i : i + size], targets[i : i + size]) for i in range(0, len(targets), size)]
+    if not torch.is_grad_enabled():
+        return sum((chunk_loss(part, t) for part, t in chunks), torch.zeros((), device=hidden.device))
+    return sum(
+        (checkpoint(chunk_loss, part, t, use_reentrant=False) for part, t in chunks),
+        torch.zeros((), device=hidden.device),
+    )
 
 
 def _keep_trainable(module: nn.Module, state_dict: dict[str, Any], prefix: str, _metadata: Any) -> None:

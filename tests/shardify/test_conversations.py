@@ -21,6 +21,7 @@ import pytest
 from shardify.cli import main
 from shardify.conversations import points_text
 from shardify.convert import ConvertOptions, convert
+from shardify.index import IndexOptions, index
 from tests import factories
 from tests.shardify.helpers import (
     local_committed_rows,
@@ -339,6 +340,9 @@ def test_llava_json_and_jsonl_with_an_image_folder(tmp_path: Path) -> None:
             (f"What is in picture {i}?", f"Picture {i}."),
             ("And its colour?", f"colour {i}"),
         ]
+    # shardify index tells conversation shards from their json.
+    index([str(out)], IndexOptions(output=str(tmp_path / "indexed")))
+    assert read_manifest(tmp_path / "indexed")["schema"] == "conversation"
     # Run again: the conversion is found complete.
     assert (
         main(
