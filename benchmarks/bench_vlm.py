@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.training_run import measure  # noqa: E402
-from streamtrain.data.transforms import chat_prompt_ids, tokenize_qa  # noqa: E402
+from streamtrain.data.chat import IGNORE_INDEX, encode_chat  # noqa: E402
 from streamtrain.models.qwen import load_tokenizer, write_tiny_qwen2  # noqa: E402
 from tests.streamtrain.train.conftest import convert_sample  # noqa: E402
 from tests.streamtrain.vlm.conftest import write_alignment_checkpoint  # noqa: E402
@@ -41,15 +41,15 @@ VISION_TOKENS = 16  # the small CNN's 4x4 grid at the recipe's 32 px
 
 
 def mean_tokens(decoder: Path) -> tuple[float, float]:
-    """Mean tokens per training sample (vision + chat prompt + answer) and answer tokens alone."""
+    """Mean tokens per training sample (vision, chat template, question, answer) and answer tokens."""
     tokenizer = load_tokenizer(str(decoder))
-    before, after = chat_prompt_ids(tokenizer)
     rows = pq.read_table(ROOT / "sample" / "digits_qa" / "train.parquet", columns=["question", "answer"])
     total = answers = 0
     for row in rows.to_pylist():
-        question, answer = tokenize_qa(row["question"], row["answer"], tokenizer, 64, 16)
-        total += VISION_TOKENS + len(before) + len(question) + len(after) + len(answer)
-        answers += len(answer)
+        turn = [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": row["answer"]}]
+        encoded = encode_chat(tokenizer, turn, max_question_tokens=64, max_answer_tokens=16)
+        total += VISION_TOKENS + len(encoded.input_ids)
+        answers += sum(label != IGNORE_INDEX for label in encoded.labels)
     return total / rows.num_rows, answers / rows.num_rows
 
 

@@ -11,6 +11,10 @@ and stored as JPEG or PNG bytes. Two datasets share them, each split into train 
   broken (truncated, not an image, no caption) so the sample shows shardify's skip log at work.
 - ``digits_qa/{train,eval}.parquet`` (sample_id, question, answer, image_bytes): questions
   about the digit ("What digit is written here?" -> "seven", "Is this digit odd or even?" -> "odd").
+- ``digits_conversation/{train,eval}.parquet`` (sample_id, messages, image_bytes): three questions
+  about each image in one conversation, ``messages`` a list of ``{role, content}`` (the chat
+  format): three of "What digit is written here?", "Is this digit odd or even?", "Is it greater
+  than four?" and "Which digit comes after it?", in a random order.
 
     .venv/bin/python sample/make_sample.py   # rewrites the parquet files under sample/
 """
@@ -33,6 +37,13 @@ QUESTIONS = [
     ("Which number does this image show?", lambda label: WORDS[label]),
     ("Is this digit odd or even?", lambda label: "odd" if label % 2 else "even"),
 ]
+CONVERSATION_QUESTIONS = [
+    ("What digit is written here?", lambda label: WORDS[label]),
+    ("Is this digit odd or even?", lambda label: "odd" if label % 2 else "even"),
+    ("Is it greater than four?", lambda label: "yes" if label > 4 else "no"),
+    ("Which digit comes after it?", lambda label: WORDS[(label + 1) % 10]),
+]
+TURNS = 3
 HERE = Path(__file__).parent
 TRAIN_ROWS = 1500
 
@@ -107,6 +118,25 @@ def main() -> None:
         ]
     )
     _write(qa, qa_schema, "digits_qa")
+    _write_conversations(images)
+
+
+def _write_conversations(images: list[tuple[bytes, int, str]]) -> None:
+    rng = random.Random(1)
+    rows = []
+    for index, (data, label, _) in enumerate(images):
+        messages = []
+        for question, answer in rng.sample(CONVERSATION_QUESTIONS, TURNS):
+            messages += [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer(label)},
+            ]
+        rows.append({"sample_id": f"digits-chat-{index:04d}", "messages": messages, "image_bytes": data})
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    schema = pa.schema(
+        [("sample_id", pa.string()), ("messages", pa.list_(message)), ("image_bytes", pa.binary())]
+    )
+    _write(rows, schema, "digits_conversation")
 
 
 if __name__ == "__main__":

@@ -6,31 +6,43 @@ import argparse
 import re
 import shutil
 import sys
-from collections import Counter
 from typing import TextIO
 
 from tqdm import tqdm
 
 from shardify.checks import DEFAULT_MAX_IMAGE_PIXELS
-from shardify.convert import ConvertOptions, ConvertResult, UnitsFailedError, convert, default_workers
+from shardify.conversations import TEMPLATES
+from shardify.convert import (
+    ConvertOptions,
+    ConvertResult,
+    NoSamplesError,
+    UnitsFailedError,
+    convert,
+    default_workers,
+)
 from shardify.fetch import FetchOptions
-from shardify.index import BadShardsError, IndexOptions, IndexResult, ShardScan, index
+from shardify.format import SCHEMAS
+from shardify.groups import GROUP_KEYS
+from shardify.index_cli import EXIT_FAILURE, EXIT_USER_ERROR, add_index_parser, index_main
 from shardify.options import DEFAULT_UNIT_BYTES, ENGINES
 from shardify.sources import FIELDS, InputError, parse_column_specs
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
 _SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
 
-EXIT_USER_ERROR = 2
-EXIT_FAILURE = 1
 _FAILURES_LISTED = 20
 
 DESCRIPTION = """\
 Convert Pixmo-style parquet rows into validated WebDataset tar shards.
 
 Row schemas (detected from the columns unless --schema is given):
-  caption  sample_id, caption, image_bytes      -> KEY.jpg|png|..., KEY.txt, KEY.json
-  qa       question, answer, image_bytes [, sample_id]  -> KEY.jpg|png|..., KEY.json
+  caption       sample_id, caption, image_bytes      -> KEY.jpg|png|..., KEY.txt, KEY.json
+  qa            question, answer, image_bytes [, sample_id]  -> KEY.jpg|png|..., KEY.json
+  conversation  messages (or question/answer lists, or --template), image_bytes
+                -> KEY.jpg|png|..., KEY.json with messages: [{role: user|assistant, content}, ...]
+A messages column may be list<string> (alternating turns), list<struct<role, content>>,
+LLaVA's list<struct<from, value>>, or question/answer lists (struct<question: list, answer: list>).
+--group-by image_url (or image_sha256, image_bytes) joins every row of one image into one sample.
 An audio_bytes column (wav/flac/ogg/mp3) may stand beside or instead of image_bytes.
 Media columns may also be Hugging Face Image/Audio structs (struct<bytes, path>). Instead of
 image_bytes, an image_url column (+ optional image_sha256, Pixmo's published layout) has each
@@ -57,29 +69,73 @@ def parse_size(text: str) -> int:
     return int(float(number) * base ** _SIZE_POWERS[unit.lower()])
 
 
+JSON_DESCRIPTION = """\
+Convert LLaVA-style JSON/JSONL (an array of objects, or one object per line) with an image
+folder into validated WebDataset tar shards of the conversation schema: one sample per object,
+KEY.jpg|png|... (the file its "image" path names under --image-root, checked like any image)
+and KEY.json holding messages: [{role: user|assistant, content}, ...] from its "conversations"
+([{from: human|gpt, value}], the <image> marker removed) and its other fields. "id" is the
+sample_id. Other field names are mapped with --column (messages=..., image_path=...).
+Checks, skip log, manifest, checksums, units and restarts are parquet-to-tar's."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardify", description="Offline dataset tools for streamtrain.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = commands.add_parser(
+    p = _add_convert_parser(
+        commands,
         "parquet-to-tar",
-        help="convert parquet files into validated WebDataset tar shards",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "convert parquet files into validated WebDataset tar shards",
+        DESCRIPTION,
+        "parquet files, directories (searched recursively), globs or s3:// URLs",
+    )
+    p = _add_convert_parser(
+        commands,
+        "json-to-tar",
+        "convert LLaVA-style JSON/JSONL and an image folder into WebDataset tar shards",
+        JSON_DESCRIPTION,
+        "JSON or JSONL files, directories (searched recursively for *.json, *.jsonl), globs or s3:// URLs",
     )
     p.add_argument(
-        "inputs",
-        nargs="+",
-        metavar="INPUT",
-        help="parquet files, directories (searched recursively), globs or s3:// URLs",
+        "--image-root",
+        required=True,
+        metavar="DIR",
+        help="the folder (or s3:// prefix) the inputs' image paths are relative to",
     )
+    add_index_parser(commands)
+    return parser
+
+
+def _add_convert_parser(
+    commands: argparse._SubParsersAction, name: str, summary: str, description: str, inputs_help: str
+) -> argparse.ArgumentParser:
+    p = commands.add_parser(
+        name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=inputs_help)
     p.add_argument(
         "-o", "--output", required=True, metavar="OUT", help="output directory or s3://bucket/prefix"
     )
     p.add_argument(
         "--schema",
-        choices=("caption", "qa"),
-        default=None,
+        choices=SCHEMAS,
+        default="conversation" if name == "json-to-tar" else None,
         help="row schema (default: detected from the columns)",
+    )
+    p.add_argument(
+        "--template",
+        choices=TEMPLATES,
+        default=None,
+        help="conversation schema: make each row's question and answer from PixMo's pointing "
+        "(label + points in pixels: 'Point to LABEL' -> Molmo's <points x1=.. y1=..> text, 0-100 of "
+        "the width and height) or counting columns (label + count: 'How many LABEL are there?' -> N)",
+    )
+    p.add_argument(
+        "--group-by",
+        choices=GROUP_KEYS,
+        default=None,
+        help="conversation schema: every row with the same image (its URL, sha256, bytes or path) "
+        "becomes one sample holding every row's turns; the image is fetched and stored once",
     )
     p.add_argument(
         "--max-samples-per-shard",
@@ -177,73 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace whatever conversion OUT already holds")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, one summary line")
-    _add_index_parser(commands)
-    return parser
-
-
-INDEX_DESCRIPTION = """\
-Write manifest.json for WebDataset shards that already exist (webdataset.ShardWriter,
-img2dataset, public sets), so streamtrain trains on them as they are.
-
-Every shard is counted exactly by the trainer's own tar parser (members grouped by the key
-before the first dot of their basename) from its tar headers alone: member payloads are seeked
-past (ranged reads on S3), except the .json of a few samples per shard, read to tell the schema
-(qa: json question/answer; caption: .txt or a json caption). Non-.tar files are ignored.
-A shard that is not a tar, is truncated or has a member without a key is an error (exit 1,
-no manifest) unless --check, which leaves it out and reports it.
-The manifest goes beside the shards, or into --output for shards in a read-only place (it then
-names their location). No journal: an interrupted run is simply run again (same manifest)."""
-
-
-def _add_index_parser(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser(
-        "index",
-        help="write manifest.json for existing WebDataset tar shards",
-        description=INDEX_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "shards",
-        nargs="+",
-        metavar="SHARDS",
-        help="directories (searched recursively) and globs, of which the *.tar files count; "
-        "brace patterns (shard-{000000..000099}.tar) or files; local or s3://",
-    )
-    p.add_argument(
-        "-o",
-        "--output",
-        metavar="DIR",
-        default=None,
-        help="write manifest.json here instead of beside the shards (for read-only locations); "
-        "it names the shards' real location, and data.train points at DIR",
-    )
-    p.add_argument(
-        "--check",
-        action="store_true",
-        help="also decode every sample's image/audio (and parse its json): broken samples are "
-        "listed in the manifest and skipped by the trainer undecoded; broken shards are left out",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=default_workers(),
-        metavar="N",
-        help="shards scanned in parallel, threads (default: CPU count, %(default)s here)",
-    )
-    p.add_argument(
-        "--schema",
-        choices=("caption", "qa"),
-        default=None,
-        help="dataset schema (default: told from the json/txt of a few samples per shard)",
-    )
-    p.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=DEFAULT_MAX_IMAGE_PIXELS,
-        metavar="N",
-        help="with --check: larger images count as broken (too_large) (default: %(default)s)",
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, one summary line")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         options = ConvertOptions(
             output=args.output,
             schema=args.schema,
+            template=args.template,
+            group_by=args.group_by,
+            input_format="json" if args.command == "json-to-tar" else "parquet",
+            image_root=getattr(args, "image_root", None),
             max_samples_per_shard=args.max_samples_per_shard,
             max_shard_bytes=args.max_shard_bytes,
             prefix=args.prefix,
@@ -275,6 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nshardify: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except NoSamplesError as exc:
+        progress.close()
+        print(f"shardify: {exc}; no manifest written", file=sys.stderr)
+        return EXIT_FAILURE
     except UnitsFailedError as exc:
         progress.close()
         print(f"shardify: {len(exc.failures)} of {exc.units} units failed:", file=sys.stderr)
@@ -357,6 +355,8 @@ def print_summary(result: ConvertResult, output: str, out: TextIO, brief: bool =
         ("rows skipped", m.rows_skipped),
     ]
     rows += [(f"  {reason}", count) for reason, count in m.skipped_by_reason.items()]
+    if m.rows_merged is not None:
+        rows.append(("rows merged (--group-by)", m.rows_merged))
     width = max(len(label) for label, _ in rows)
     print(
         f"\nshardify: {output}  (schema {m.schema}, {len(m.shards)} shards from {result.units:,} units, "
@@ -376,93 +376,6 @@ def print_summary(result: ConvertResult, output: str, out: TextIO, brief: bool =
         print(f"  resumed: {result.resumed_at_row:,} rows were already committed by an earlier run", file=out)
     if m.rows_skipped:
         print(f"  details of skipped rows: {output.rstrip('/')}/skipped.jsonl", file=out)
-
-
-def index_main(args: argparse.Namespace) -> int:
-    """``shardify index``: scan, write the manifest, print the summary; the exit status."""
-    options = IndexOptions(
-        output=args.output,
-        check=args.check,
-        workers=args.workers,
-        schema=args.schema,
-        max_image_pixels=args.max_image_pixels,
-    )
-    bar: tqdm | None = None
-    enabled = not args.quiet and sys.stderr.isatty()
-
-    def plan(total: int) -> None:
-        nonlocal bar
-        if enabled:
-            size = shutil.get_terminal_size(fallback=(100, 24))
-            bar = tqdm(total=total, unit="shards", desc="indexing", ncols=size.columns or 100)
-
-    def scanned(scan: ShardScan) -> None:
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(samples=scan.samples, refresh=False)
-
-    try:
-        result = index(args.shards, options, on_shard=scanned, on_plan=plan)
-    except InputError as exc:
-        print(f"shardify: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except BadShardsError as exc:
-        if bar is not None:
-            bar.close()
-        print(f"shardify: {len(exc.scans)} shard(s) cannot be counted; no manifest written:", file=sys.stderr)
-        for scan in exc.scans:
-            print(f"  {scan.url}: {scan.problem}", file=sys.stderr)
-        print("shardify: repair or remove them, or pass --check to leave them out", file=sys.stderr)
-        return EXIT_FAILURE
-    except KeyboardInterrupt:
-        print("\nshardify: interrupted; no manifest written: run the same command again", file=sys.stderr)
-        return 130
-    finally:
-        if bar is not None:
-            bar.close()
-    print_index_summary(result, sys.stdout, brief=args.quiet)
-    return 0
-
-
-def print_index_summary(result: IndexResult, out: TextIO, brief: bool = False) -> None:
-    m = result.manifest
-    seconds = max(result.elapsed_s, 1e-9)
-    per_gb = result.bytes_read / 1e6 / max(result.shard_bytes / 1e9, 1e-9)
-    broken = m.rows_skipped
-    if brief:
-        print(
-            f"shardify: {m.samples_written:,} samples in {len(m.shards)} shards ({broken:,} broken, "
-            f"{len(result.left_out)} shards left out); {len(result.scans) / seconds:,.1f} shards/s; "
-            f"{result.manifest_url}",
-            file=out,
-        )
-        return
-    rows = [
-        ("shards listed", f"{len(m.shards):,}"),
-        ("samples", f"{m.samples_written:,}"),
-        ("broken samples", f"{broken:,}"),
-    ]
-    rows += [(f"  {reason}", f"{count:,}") for reason, count in m.skipped_by_reason.items()]
-    rows.append(("shards left out", f"{len(result.left_out):,}"))
-    rows.append(("media", ", ".join(f"{ext} {count:,}" for ext, count in m.media.items()) or "none"))
-    members: Counter[str] = sum((scan.members for scan in result.scans), Counter())
-    rows.append(("members", ", ".join(f"{ext} {count:,}" for ext, count in members.most_common())))
-    rows.append(
-        (
-            "read",
-            f"{result.bytes_read / 1e6:,.1f} MB of {result.shard_bytes / 1e6:,.1f} MB "
-            f"({per_gb:,.1f} MB per GB)",
-        )
-    )
-    rows.append(("throughput", f"{len(result.scans) / seconds:,.1f} shards/s ({result.elapsed_s:.1f} s)"))
-    width = max(len(label) for label, _ in rows)
-    print(f"\nshardify index: {result.manifest_url}  (schema {m.schema})", file=out)
-    if m.base:
-        print(f"  shards in {m.base}", file=out)
-    for label, value in rows:
-        print(f"  {label:<{width}}  {value}", file=out)
-    for scan in result.left_out:
-        print(f"  left out: {scan.url}: {scan.problem}", file=out)
 
 
 if __name__ == "__main__":

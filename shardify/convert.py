@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -18,6 +19,7 @@ from shardify.format import (
     SKIPPED_NAME,
     Manifest,
 )
+from shardify.groups import Grouping, plan_groups
 from shardify.journal import (
     JOB_NAME,
     JOURNAL_VERSION,
@@ -27,13 +29,23 @@ from shardify.journal import (
     plan_units,
     write_skipped_log,
 )
+from shardify.jsoninput import JSON_SUFFIXES, llava_columns, open_json_inputs
 from shardify.options import ConvertOptions, default_workers
 from shardify.output import WORK_DIR, Output
 from shardify.rows import check_media
-from shardify.sources import InputError, ParquetInput, detect_schema, expand_inputs, open_inputs
+from shardify.schema import detect_schema
+from shardify.sources import InputError, Layout, ParquetInput, expand_inputs, open_inputs
 from shardify.units import UNIT_ERRORS, UnitFailure, UnitJob, UnitOutcome, convert_unit, read_unit_states
 
-__all__ = ["ConvertOptions", "ConvertResult", "UnitsFailedError", "check_media", "convert", "default_workers"]
+__all__ = [
+    "ConvertOptions",
+    "ConvertResult",
+    "NoSamplesError",
+    "UnitsFailedError",
+    "check_media",
+    "convert",
+    "default_workers",
+]
 
 
 @dataclass
@@ -49,6 +61,20 @@ class ConvertResult:
     """Units of work the inputs were cut into."""
     engine_startup_s: float = 0.0
     """Of ``elapsed_s``, the time the engine took to start (joining a Ray cluster, checking nodes)."""
+
+
+class NoSamplesError(Exception):
+    """Every row was skipped (or there was none): no manifest is written, the skip log is."""
+
+    def __init__(self, rows: int, skipped_by_reason: dict[str, int], skipped_log: str) -> None:
+        reasons = ", ".join(f"{reason} {count:,}" for reason, count in skipped_by_reason.items())
+        if rows:
+            why = f"every one of the {rows:,} rows was skipped ({reasons}); see {skipped_log}"
+        else:
+            why = "the inputs hold no rows"
+        super().__init__(f"no sample written: {why}")
+        self.rows = rows
+        self.skipped_by_reason = skipped_by_reason
 
 
 class UnitsFailedError(Exception):
@@ -138,8 +164,14 @@ def convert(
         from shardify.ray_engine import preflight
 
         preflight(options)
-    inputs = open_inputs(expand_inputs(patterns))
-    schema, layouts = detect_schema(inputs, options.schema, options.columns)
+    if options.input_format == "json":
+        inputs = open_json_inputs(expand_inputs(patterns, JSON_SUFFIXES))
+        options = dataclasses.replace(options, columns=llava_columns(inputs, options.columns))
+    else:
+        inputs = open_inputs(expand_inputs(patterns))
+    schema, layouts = detect_schema(
+        inputs, options.schema, options.columns, options.template, options.group_by
+    )
     fingerprint = _fingerprint(inputs, schema, options)
     units = plan_units(
         [item.row_group_rows for item in inputs],
@@ -156,8 +188,17 @@ def convert(
         total_rows = sum(item.num_rows for item in inputs)
         if on_plan:
             on_plan(total_rows, resumed_at)
+        grouping = plan_groups(inputs, layouts, options.group_by) if options.group_by else None
         jobs = [
-            UnitJob(unit, inputs[unit.source], layouts[unit.source], schema, options, fingerprint)
+            UnitJob(
+                unit,
+                inputs[unit.source],
+                layouts[unit.source],
+                schema,
+                options,
+                fingerprint,
+                *_grouped(grouping, unit, inputs, layouts),
+            )
             for unit in units
             if unit.index not in finished
         ]
@@ -186,6 +227,17 @@ def convert(
         len(units),
         startup_s,
     )
+
+
+def _grouped(
+    grouping: Grouping | None, unit: Unit, inputs: list[ParquetInput], layouts: list[Layout]
+) -> tuple:
+    """A unit job's part of the grouping, and the inputs holding the rows joined to its groups."""
+    if grouping is None:
+        return ()
+    groups = grouping.for_unit(unit.source, unit.start, unit.end)
+    sources = {source for rows in groups.leads.values() for source, _ in rows}
+    return groups, {source: (inputs[source], layouts[source]) for source in sources}
 
 
 def _run_here(
@@ -222,10 +274,11 @@ def _finish(
     problems = []
     for unit, record in zip(units, records, strict=True):
         shard_samples = sum(entry.samples for entry in record.shards)
-        if record.rows_read != unit.rows or record.rows_read != record.samples_written + record.rows_skipped:
+        accounted = record.samples_written + record.rows_skipped + record.rows_merged
+        if record.rows_read != unit.rows or record.rows_read != accounted:
             problems.append(
                 f"unit {unit.index}: rows read {record.rows_read} of {unit.rows}, written "
-                f"{record.samples_written} + skipped {record.rows_skipped}"
+                f"{record.samples_written} + skipped {record.rows_skipped} + merged {record.rows_merged}"
             )
         if shard_samples != record.samples_written:
             problems.append(
@@ -253,10 +306,13 @@ def _finish(
         media=dict(sorted(media.items())),
         fingerprint=fingerprint,
         checksums=CHECKSUM_ALGORITHM if all(record.checksums for record in records) else None,
+        rows_merged=sum(record.rows_merged for record in records) if options.group_by else None,
     )
     write_skipped_log(
         output, [segment for record in records for segment in record.skip_segments], SKIPPED_NAME
     )
+    if manifest.samples_written == 0:
+        raise NoSamplesError(total_rows, manifest.skipped_by_reason, output.path(SKIPPED_NAME))
     output.write_text(MANIFEST_NAME, manifest.to_json())
     output.remove([WORK_DIR])
     return manifest

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from shardify.format import IMAGE_EXTENSIONS
+from shardify.storage import filesystem
 
 # A response larger than this is not an image anyone trains on; stop reading instead of
 # buffering whatever a misbehaving server streams.
@@ -194,3 +195,49 @@ def _read_capped(response: http.client.HTTPResponse) -> bytes:
             raise _Failure("too_large", f"response exceeds {MAX_RESPONSE_BYTES} bytes", retry=False)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class ImageFiles:
+    """Reads image files named by paths relative to one folder (json-to-tar's ``--image-root``,
+    local or ``s3://``) on a thread pool; submitted like :class:`Fetcher`'s URLs. A path that is
+    absolute or climbs out of the folder is ``bad_path``, a file that is not there ``missing_file``,
+    one that cannot be read ``read_error``."""
+
+    def __init__(self, root: str, workers: int) -> None:
+        self.root = root.rstrip("/")
+        self.fs, self._base = filesystem(self.root)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="shardify-files")
+
+    def submit(self, path: object, sha256: object = None) -> Future[Fetched] | None:
+        """Start reading ``path``; None when the row names no file (a ``missing`` image)."""
+        if path is None or (isinstance(path, str) and not path.strip()):
+            return None
+        return self._pool.submit(self.read, path, expected_digest(sha256))
+
+    def read(self, path: object, sha256: str | None = None) -> Fetched:
+        if not isinstance(path, str):
+            return Fetched(None, "bad_path", f"not one file path: {str(path)[:200]}")
+        parts = path.strip().replace("\\", "/").split("/")
+        if path.strip().startswith("/") or ".." in parts or ":" in parts[0]:
+            return Fetched(None, "bad_path", f"{path[:200]} is not a path inside {self.root}")
+        location = "/".join([self._base, *(part for part in parts if part not in ("", "."))])
+        try:
+            with self.fs.open(location, "rb") as handle:
+                data = handle.read(MAX_RESPONSE_BYTES + 1)
+        except FileNotFoundError:
+            return Fetched(None, "missing_file", f"no file {self.root}/{path}")
+        except (OSError, ValueError) as exc:
+            return Fetched(None, "read_error", f"{type(exc).__name__}: {exc}: {self.root}/{path}")
+        if len(data) > MAX_RESPONSE_BYTES:
+            return Fetched(None, "too_large", f"{self.root}/{path} exceeds {MAX_RESPONSE_BYTES} bytes")
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            return Fetched(None, "sha256_mismatch", f"expected {sha256}: {self.root}/{path}")
+        return Fetched(data, attempts=1)
+
+    def __enter__(self) -> ImageFiles:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=kind is not None)

@@ -4,7 +4,8 @@ A shardify output (a local directory or an ``s3://`` prefix) holds:
 
 - ``{prefix}-000000.tar``, ... WebDataset shards. Every sample is a run of members sharing one
   key: the media under its detected extension (``.jpg``, ``.png``, ``.wav``, ...), ``.txt`` (the
-  caption, caption schema only) and ``.json`` (every non-binary column of the source row).
+  caption, caption schema only) and ``.json`` (every non-binary column of the source row; for the
+  conversation schema, ``messages: [{role: user|assistant, content}, ...]`` too).
 - ``manifest.json``: the ordered shard list with exact per-shard sample counts (written last).
 - ``skipped.jsonl``: one line per source row that was not converted, with its reason.
 
@@ -28,7 +29,7 @@ MANIFEST_FORMAT_VERSION = 2
 """2: each unit of work has its own run of shards ({prefix}-{unit:06d}-{part:06d}.tar); 1 (still
 read): one run of shards across all inputs."""
 READABLE_FORMAT_VERSIONS = (1, 2)
-SCHEMAS = ("caption", "qa")
+SCHEMAS = ("caption", "qa", "conversation")
 
 # Why a fixed timestamp: shards are byte-identical whatever the worker count or restarts.
 TAR_MTIME = 946684800  # 2000-01-01T00:00:00Z
@@ -129,11 +130,14 @@ class Manifest:
     """``"crc32"`` when every shard has its member checksums beside the manifest, in
     ``<shard name>.crc32.json`` (readers verify every member they read); None: not recorded.
     Written only when set."""
+    rows_merged: int | None = None
+    """Rows joined to the sample of their image's first row (``--group-by``), so that
+    ``rows_read == samples_written + rows_skipped + rows_merged``. Written only when grouping."""
 
     def to_json(self) -> str:
         # Optional fields are left out when unset, so readers predating them read the manifest.
         raw = asdict(self)
-        for optional in ("base", "checksums"):
+        for optional in ("base", "checksums", "rows_merged"):
             if raw[optional] is None:
                 del raw[optional]
         for entry in raw["shards"]:

@@ -64,7 +64,7 @@ class IndexOptions:
     workers: int = 4
     """Shards scanned at once (threads)."""
     schema: str | None = None
-    """caption or qa; None: told from the samples."""
+    """caption, qa or conversation; None: told from the samples."""
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """With ``check``: larger images are broken (too_large), as parquet-to-tar skips them."""
 
@@ -231,8 +231,11 @@ def _add_checksums(scan: ShardScan, raw: dict[str, Any], members: list[str], rep
 
 
 def _schema_of(raw: dict[str, Any]) -> str:
-    """What one sample holds: qa (json question and answer), caption (.txt or json caption), none."""
+    """What one sample holds: conversation (json messages), qa (json question and answer), caption
+    (.txt or json caption), none."""
     metadata = _json_of(raw)
+    if isinstance(metadata, dict) and isinstance(metadata.get("messages"), list):
+        return "conversation"
     if isinstance(metadata, dict) and "question" in metadata and "answer" in metadata:
         return "qa"
     if "txt" in raw or (isinstance(metadata, dict) and "caption" in metadata):
@@ -281,12 +284,13 @@ def decide_schema(scans: list[ShardScan], requested: str | None) -> str:
     if requested is not None:
         return requested
     votes: Counter[str] = sum((scan.schema_votes for scan in scans), Counter())
-    if not votes["qa"] and not votes["caption"]:
+    held = {schema: votes[schema] for schema in ("conversation", "qa", "caption") if votes[schema]}
+    if not held:
         raise InputError(
-            "no sampled sample has a caption (.txt, or a json 'caption') or a json question/answer: "
-            "pass --schema caption or --schema qa"
+            "no sampled sample has a caption (.txt, or a json 'caption'), a json question/answer or "
+            "json messages: pass --schema caption, qa or conversation"
         )
-    return "qa" if votes["qa"] > votes["caption"] else "caption"
+    return max(held, key=lambda schema: held[schema])
 
 
 def index(

@@ -115,6 +115,8 @@ class Progress:
     skip_segments: list[str] = field(default_factory=list)
     checksums: bool = True
     """Every committed shard has its ``.crc32.json`` (False for a journal begun before them)."""
+    rows_merged: int = 0
+    """Rows joined to the sample of an earlier row of the same image (``--group-by``)."""
     version: int = JOURNAL_VERSION
 
     @property
@@ -149,6 +151,7 @@ class ShardSequence:
         # Counts since the last commit; folded into the journal when the next commit lands.
         self._rows = 0
         self._samples = 0
+        self._merged = 0
         self._skips: Counter[str] = Counter()
         self._media: Counter[str] = Counter()
         self._shard: TarShard | None = None
@@ -185,6 +188,11 @@ class ShardSequence:
         self._skips[record["reason"]] += 1
         self._rows += 1
 
+    def add_merged(self) -> None:
+        """Count one row joined to an earlier row's sample (``--group-by``): consumed, not written."""
+        self._merged += 1
+        self._rows += 1
+
     def commit(self, next_source: int, next_row: int) -> None:
         """Close the open shard and skip segment; record ``(next_source, next_row)`` as resume point.
 
@@ -213,9 +221,10 @@ class ShardSequence:
         progress.source, progress.row = next_source, next_row
         progress.rows_read += self._rows
         progress.samples_written += self._samples
+        progress.rows_merged += self._merged
         progress.skipped_by_reason = dict(sorted((Counter(progress.skipped_by_reason) + self._skips).items()))
         progress.media = dict(sorted((Counter(progress.media) + self._media).items()))
-        self._rows = self._samples = 0
+        self._rows = self._samples = self._merged = 0
         self._skips.clear()
         self._media.clear()
         self._wait_for_publisher()

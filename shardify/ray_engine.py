@@ -112,7 +112,11 @@ def _probe_node(output_url: str, input_urls: list[str]) -> list[str]:
     except (InputError, OSError) as exc:
         problems.append(f"cannot write to the output {output_url}: {exc}")
     try:
-        open_inputs(input_urls)
+        from shardify.jsoninput import JSON_SUFFIXES, open_json_inputs
+
+        json_urls = [url for url in input_urls if url.endswith(JSON_SUFFIXES)]
+        open_inputs([url for url in input_urls if url not in json_urls])
+        open_json_inputs(json_urls)
     except InputError as exc:
         problems.append(str(exc))
     return problems

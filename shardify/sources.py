@@ -1,4 +1,4 @@
-"""Finding and opening parquet inputs on local disk or S3, and deciding their schema and layout."""
+"""Finding and opening parquet inputs on local disk or S3, and where each field is in them (layouts)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shardify.bytestream import RangeInput
-from shardify.format import SCHEMAS
+from shardify.conversations import CONVERSATION_FIELDS, TurnSource
 from shardify.storage import as_user_error, filesystem, is_remote, storage_for
 
 IMAGE_COLUMN = "image_bytes"
@@ -19,8 +19,21 @@ AUDIO_COLUMN = "audio_bytes"
 MEDIA_COLUMNS = (IMAGE_COLUMN, AUDIO_COLUMN)
 URL_COLUMN = "image_url"
 SHA256_COLUMN = "image_sha256"
-TEXT_COLUMNS = {"caption": ("caption",), "qa": ("question", "answer")}
-FIELDS = ("sample_id", "caption", "question", "answer", IMAGE_COLUMN, URL_COLUMN, SHA256_COLUMN, AUDIO_COLUMN)
+PATH_COLUMN = "image_path"
+"""json-to-tar: an image file's path, relative to ``--image-root``."""
+TEXT_COLUMNS = {"caption": ("caption",), "qa": ("question", "answer"), "conversation": ()}
+FIELDS = (
+    "sample_id",
+    "caption",
+    "question",
+    "answer",
+    *CONVERSATION_FIELDS,
+    IMAGE_COLUMN,
+    URL_COLUMN,
+    SHA256_COLUMN,
+    PATH_COLUMN,
+    AUDIO_COLUMN,
+)
 """What ``--column FIELD=COLUMN`` can name; each field is read from the column of its own name by default."""
 
 
@@ -28,8 +41,9 @@ class InputError(Exception):
     """A problem with what the user asked for; reported as a message, never a traceback."""
 
 
-def expand_inputs(patterns: list[str]) -> list[str]:
-    """Files, directories (searched recursively for ``*.parquet``) and globs, in a stable order."""
+def expand_inputs(patterns: list[str], suffixes: tuple[str, ...] = (".parquet",)) -> list[str]:
+    """Files, directories (searched recursively for files ending in ``suffixes``) and globs, in a
+    stable order."""
     found: list[str] = []
     for pattern in patterns:
         with as_user_error(InputError, pattern):
@@ -37,9 +51,10 @@ def expand_inputs(patterns: list[str]) -> list[str]:
             if glob.has_magic(path):
                 matches = sorted(p for p in fs.glob(path) if fs.isfile(p))
             elif fs.isdir(path):
-                matches = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+                matches = sorted(p for p in fs.find(path) if p.endswith(suffixes))
                 if not matches:
-                    raise InputError(f"directory {pattern} holds no *.parquet files")
+                    wanted = " or ".join(f"*{suffix}" for suffix in suffixes)
+                    raise InputError(f"directory {pattern} holds no {wanted} files")
             elif fs.exists(path):
                 matches = [path]
             else:
@@ -150,10 +165,6 @@ def is_binary(field: pa.Field) -> bool:
     return pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_fixed_size_binary(kind)
 
 
-def _is_text(field: pa.Field) -> bool:
-    return pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
-
-
 def is_media_struct(field: pa.Field) -> bool:
     """A Hugging Face ``datasets`` Image/Audio column: ``struct<bytes: binary, path: string>``."""
     kind = field.type
@@ -214,6 +225,8 @@ class Layout:
     """Source columns carried into ``.json`` (every non-media one), in file order ..."""
     json_names: list[str]
     """... and their names there: a column mapped with ``--column`` takes its field's name."""
+    turns: TurnSource | None = None
+    """Conversation schema: where each row's turns come from (see shardify.conversations)."""
 
     def column(self, field_name: str) -> str | None:
         return self.fields.get(field_name)
@@ -247,66 +260,3 @@ def resolve_layout(item: ParquetInput, columns: dict[str, str]) -> Layout:
             json_columns.append(name)
             json_names.append(name)
     return Layout(fields, json_columns, json_names)
-
-
-def _described(layout: Layout, field_name: str) -> str:
-    column = layout.column(field_name)
-    return field_name if column in (None, field_name) else f"{column} ({field_name})"
-
-
-def detect_schema(
-    inputs: list[ParquetInput], requested: str | None, columns: dict[str, str] | None = None
-) -> tuple[str, list[Layout]]:
-    """The row schema (caption or qa), as requested or from the fields, and each input's layout."""
-    schema = requested
-    layouts = []
-    for item in inputs:
-        layout = resolve_layout(item, columns or {})
-        present = set(layout.fields)
-        if schema is None:
-            has_qa = {"question", "answer"} <= present
-            has_caption = "caption" in present
-            if has_qa and has_caption:
-                raise InputError(
-                    f"{item.url} has both caption and question/answer columns: pass --schema caption or qa"
-                )
-            if not (has_qa or has_caption):
-                raise InputError(
-                    f"{item.url}: cannot tell the schema: need a 'caption' column (caption schema) or "
-                    f"'question' and 'answer' (qa schema), or --column to name them; "
-                    f"found: {', '.join(item.schema.names)}"
-                )
-            schema = "qa" if has_qa else "caption"
-        assert schema in SCHEMAS
-        missing = [name for name in TEXT_COLUMNS[schema] if name not in present]
-        if not any(name in present for name in (*MEDIA_COLUMNS, URL_COLUMN)):
-            missing.append(f"{IMAGE_COLUMN} (or {AUDIO_COLUMN}, or {URL_COLUMN})")
-        if missing:
-            raise InputError(
-                f"{item.url}: missing required column(s) for the {schema} schema: {', '.join(missing)}; "
-                f"found: {', '.join(item.schema.names)}"
-            )
-        for name in MEDIA_COLUMNS:
-            column = layout.column(name)
-            if column is None:
-                continue
-            found = item.schema.field(column)
-            if pa.types.is_struct(found.type) and not is_media_struct(found):
-                raise InputError(
-                    f"{item.url}: column {_described(layout, name)} is a struct without a binary 'bytes' "
-                    f"field ({found.type}); media must be binary or struct<bytes: binary, path: string>"
-                )
-            if not (is_binary(found) or is_media_struct(found)):
-                raise InputError(
-                    f"{item.url}: column {_described(layout, name)} must be binary, found {found.type}"
-                )
-        for name in (URL_COLUMN, SHA256_COLUMN):
-            column = layout.column(name)
-            if column is not None and not _is_text(item.schema.field(column)):
-                raise InputError(
-                    f"{item.url}: column {_described(layout, name)} must be text, "
-                    f"found {item.schema.field(column).type}"
-                )
-        layouts.append(layout)
-    assert schema is not None
-    return schema, layouts

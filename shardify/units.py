@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from shardify.groups import UnitGroups
 from shardify.journal import Progress, ShardSequence, Unit
 from shardify.options import ConvertOptions
 from shardify.output import Output
@@ -28,6 +29,11 @@ class UnitJob:
     schema: str
     options: ConvertOptions
     fingerprint: str
+    groups: UnitGroups | None = None
+    """``--group-by``: which of the unit's rows lead a group (and the rows joined to them), which
+    are joined to an earlier row's sample."""
+    joined_inputs: dict[int, tuple[ParquetInput, Layout]] | None = None
+    """The inputs holding the rows joined to this unit's groups, with their layouts."""
 
 
 @dataclass
@@ -83,7 +89,17 @@ def convert_unit(job: UnitJob, on_progress: Callable[[int], None] | None = None)
             output, progress, unit, options.prefix, options.max_samples_per_shard, options.max_shard_bytes
         )
         try:
-            media_bytes = convert_rows(job.item, job.layout, unit, job.schema, options, sequence, written)
+            media_bytes = convert_rows(
+                job.item,
+                job.layout,
+                unit,
+                job.schema,
+                options,
+                sequence,
+                written,
+                job.groups,
+                job.joined_inputs,
+            )
             sequence.commit(unit.source, unit.end)
         finally:
             sequence.close()

@@ -75,6 +75,15 @@ class AudioConfig:
         return self.max_samples // self.hop_length
 
 
+DEFAULT_CAPTION_PROMPTS = (
+    "Describe this image.",
+    "What is shown in this image?",
+    "Write a short caption for this image.",
+    "Describe what you see.",
+)
+"""Questions a caption answers when caption samples train a VLM (``data.caption_prompts``)."""
+
+
 @dataclass
 class DataConfig:
     """Where the shards are and how they become batches."""
@@ -137,6 +146,15 @@ class DataConfig:
     """QA: longest question kept (tokens)."""
     max_answer_tokens: int = 128
     """QA: longest answer kept (tokens, end-of-sequence included)."""
+    max_seq_len: int = 2048
+    """VLM: longest sequence, vision tokens included. A conversation longer than this loses whole
+    turns from its end (counted in data/truncated_turns); with ``pack``, the length of a packed row."""
+    pack: bool = False
+    """VLM: put several samples in one row, up to ``max_seq_len`` tokens, each attending only to
+    itself (its positions restart); the samples of a micro-batch and their loss are unchanged."""
+    caption_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_CAPTION_PROMPTS))
+    """VLM: caption samples train as a one-turn conversation whose question is one of these,
+    drawn per sample (the first one at evaluation)."""
 
     def problems(self) -> list[str]:
         found = []
@@ -165,6 +183,11 @@ class DataConfig:
                 found.append(f"cache_limit: {self.cache_limit!r} must be more than 0 bytes")
         except ValueError:
             found.append(f"cache_limit: {self.cache_limit!r} is not a size (such as 500MB, 20GB or 1TiB)")
+        found += _at_least(self, ("max_seq_len", 8))
+        if not self.caption_prompts or not all(
+            isinstance(p, str) and p.strip() for p in self.caption_prompts
+        ):
+            found.append("caption_prompts: give at least one prompt, each a non-empty string")
         return found
 
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch.utils.data import default_collate
 
+from streamtrain.data.chat import IGNORE_INDEX
 from streamtrain.data.device_decode import EncodedImages
 
-IGNORE_INDEX = -100
-"""Label of positions that carry no loss (question tokens and padding); torch's cross-entropy default."""
+__all__ = ["IGNORE_INDEX", "answer_spans", "collate_alignment", "collate_vlm", "pack_rows"]
 
 
 def collate_alignment(samples: list[dict], text_tokenizer=None, max_text_tokens: int = 77) -> dict:
@@ -58,46 +58,122 @@ def collate_alignment(samples: list[dict], text_tokenizer=None, max_text_tokens:
     return batch
 
 
-def collate_vlm(samples: list[dict], pad_token_id: int) -> dict:
-    """Collate VLM question-answer samples into a right-padded batch.
+def collate_vlm(
+    samples: list[dict],
+    pad_token_id: int,
+    vision_tokens: int = 0,
+    pack: bool = False,
+    max_seq_len: int | None = None,
+) -> dict:
+    """Collate VLM samples (``encode_chat`` ids and labels, one image each) into rows.
 
-    Each sample has ``sample_id``, ``image`` [3, H, W], ``question_ids`` and ``answer_ids``
-    (ending in EOS). Per row, ``input_ids`` is the question then the answer, right-padded with
-    ``pad_token_id`` to the longest row; ``attention_mask`` is 1 on those real tokens;
-    ``labels`` is the answer ids on answer positions and ``IGNORE_INDEX`` elsewhere, so the loss
-    covers the answer including its EOS. Also returns ``image`` [B, 3, H, W],
-    ``question_lengths`` [B] and ``sample_ids``. All integer tensors are ``torch.long``.
+    Each sample has ``sample_id``, ``image`` [3, H, W] (or ``image_data``/``image_params``),
+    ``input_ids`` and ``labels`` (1-D, the same length) and optionally ``questions``. In a row, a
+    sample takes ``vision_tokens`` slots for its image (``vision_mask`` True, input id
+    ``pad_token_id``, label ``IGNORE_INDEX``) then its text. Unpacked, each row holds one sample;
+    with ``pack``, samples go into rows of at most ``max_seq_len`` positions, longest first, each
+    into the first row with room (first-fit decreasing: a pure function of the samples).
+
+    Returns ``input_ids``, ``labels``, ``attention_mask`` (1 on every sample's positions),
+    ``position_ids`` (counted from 0 at each sample's first position and again over a row's
+    padding, so that a packed row's samples are told apart) and ``vision_mask``, all [R, W] and
+    right-padded to the longest row; ``image`` [N, 3, H, W], ``sample_ids``, ``sample_rows``,
+    ``sample_starts`` and ``sample_lengths`` [N] in row order (the order samples are laid out,
+    which packing changes), ``questions`` (every sample's, in that order), and ``packed``.
     """
     if not samples:
         raise ValueError("collate_vlm: empty batch")
-    sample_ids = [sample["sample_id"] for sample in samples]
     for sample in samples:
-        if not sample["answer_ids"]:
+        if not any(label != IGNORE_INDEX for label in _ids(sample["labels"])):
             raise ValueError(
                 f"collate_vlm: sample {sample['sample_id']!r} has no answer tokens to learn from"
             )
-    length = max(len(sample["question_ids"]) + len(sample["answer_ids"]) for sample in samples)
-    input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
-    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-    question_lengths = torch.zeros(len(samples), dtype=torch.long)
-    for row, sample in enumerate(samples):
-        question = torch.as_tensor(sample["question_ids"], dtype=torch.long)
-        answer = torch.as_tensor(sample["answer_ids"], dtype=torch.long)
-        q_len, total = len(question), len(question) + len(answer)
-        input_ids[row, :q_len] = question
-        input_ids[row, q_len:total] = answer
-        attention_mask[row, :total] = 1
-        labels[row, q_len:total] = answer
-        question_lengths[row] = q_len
+    lengths = [vision_tokens + len(sample["input_ids"]) for sample in samples]
+    rows = pack_rows(lengths, max_seq_len) if pack else [[i] for i in range(len(samples))]
+    order = [i for row in rows for i in row]
+    laid_out = [samples[i] for i in order]
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    vision_mask = torch.zeros(shape, dtype=torch.bool)
+    sample_rows, sample_starts = [], []
+    for row_index, row in enumerate(rows):
+        start = 0
+        for i in row:
+            sample, end = samples[i], start + lengths[i]
+            text = start + vision_tokens
+            input_ids[row_index, text:end] = torch.as_tensor(_ids(sample["input_ids"]), dtype=torch.long)
+            labels[row_index, text:end] = torch.as_tensor(_ids(sample["labels"]), dtype=torch.long)
+            attention_mask[row_index, start:end] = 1
+            position_ids[row_index, start:end] = torch.arange(lengths[i])
+            vision_mask[row_index, start:text] = True
+            sample_rows.append(row_index)
+            sample_starts.append(start)
+            start = end
+        position_ids[row_index, start:] = torch.arange(width - start)
+    sample_ids = [sample["sample_id"] for sample in laid_out]
     return {
-        "image": _images(samples, sample_ids),
+        "image": _images(laid_out, sample_ids),
         "input_ids": input_ids,
-        "attention_mask": attention_mask,
         "labels": labels,
-        "question_lengths": question_lengths,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "vision_mask": vision_mask,
         "sample_ids": sample_ids,
+        "sample_rows": torch.tensor(sample_rows, dtype=torch.long),
+        "sample_starts": torch.tensor(sample_starts, dtype=torch.long),
+        "sample_lengths": torch.tensor([lengths[i] for i in order], dtype=torch.long),
+        "questions": [question for sample in laid_out for question in sample.get("questions", ())],
+        "packed": pack,
     }
+
+
+def pack_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:
+    """Sample indices per row: first-fit decreasing into rows of ``capacity`` positions (a sample
+    longer than that gets a row of its own); ties keep the samples' order."""
+    if capacity is None:
+        raise ValueError("collate_vlm: packing needs max_seq_len")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
+        fits = next((r for r, left in enumerate(room) if left >= lengths[i]), None)
+        if fits is None:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            rows[fits].append(i)
+            room[fits] -= lengths[i]
+    return rows
+
+
+def answer_spans(batch: dict) -> list[list[tuple[int, int]]]:
+    """For each sample of a ``collate_vlm`` batch (row order), the ``[start, end)`` positions in its
+    row of each learned run: one per assistant turn, its answer and end token."""
+    labels = batch["labels"]
+    spans = []
+    for row, start, length in zip(
+        batch["sample_rows"].tolist(),
+        batch["sample_starts"].tolist(),
+        batch["sample_lengths"].tolist(),
+        strict=True,
+    ):
+        learned = (labels[row, start : start + length] != IGNORE_INDEX).tolist()
+        runs, open_at = [], None
+        for offset, is_learned in enumerate([*learned, False]):
+            if is_learned and open_at is None:
+                open_at = offset
+            elif not is_learned and open_at is not None:
+                runs.append((start + open_at, start + offset))
+                open_at = None
+        spans.append(runs)
+    return spans
+
+
+def _ids(values: torch.Tensor | list[int]) -> list[int]:
+    return values.tolist() if isinstance(values, torch.Tensor) else list(values)
 
 
 def _present_in_all(samples: list[dict], key: str, sample_ids: list[str]) -> bool:

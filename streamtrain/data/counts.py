@@ -17,6 +17,7 @@ as ``data/<key>`` (``eval/data/<key>`` for a held-out pass):
   disk, damage in transfer); the sample is skipped, even when it would still decode.
 - ``device_decode_fallbacks``: JPEGs the training device's decoder refused, decoded by Pillow in
   the training process instead (device_decode.py).
+- ``truncated_turns`` (VLM): whole conversation turns dropped to fit ``data.max_seq_len``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from shardify.bytestream import RateLimitedLog, ReadStats
+
+DECODER_COUNTS = "__counts__"
+"""A decoded sample may carry ``{name: n}`` under this key: counts of its own (``truncated_turns``),
+added to the stream's and logged as ``data/<name>``."""
 
 Decode = Callable[[dict[str, Any], random.Random], Any]
 """``(raw sample, rng) -> sample``; raises on bytes it cannot use."""
@@ -67,6 +72,8 @@ def decode_samples(
         if sample is None:
             counts["decode_errors"] += 1
             continue
+        if isinstance(sample, dict) and DECODER_COUNTS in sample:
+            counts.update(sample.pop(DECODER_COUNTS))
         decoded.append(sample)
     counts["samples"] += len(decoded)
     return decoded

@@ -2,7 +2,8 @@
 
 A decoder is called in a loader worker as ``decoder(raw, rng)``, where ``rng`` is seeded by the
 batch's identity (so text dropout, like the image augmentations, is the same after a resume).
-It raises on bytes it cannot use; the stream skips and counts that sample.
+It raises on bytes it cannot use; the stream skips and counts that sample. A decoder may add
+counts of its own under ``DECODER_COUNTS`` (logged as ``data/<name>``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from shardify.format import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS
+from streamtrain.data.chat import encode_chat
+from streamtrain.data.counts import DECODER_COUNTS
 from streamtrain.data.images import ImageTransform, encode_for_device
-from streamtrain.data.transforms import AudioConfig, decode_image, drop_text, log_mel, tokenize_qa
+from streamtrain.data.transforms import AudioConfig, decode_image, drop_text, log_mel
 
 _IMAGE_EXTENSIONS = (*dict.fromkeys(IMAGE_EXTENSIONS.values()), "jpeg")
 _AUDIO_EXTENSIONS = tuple(dict.fromkeys(AUDIO_EXTENSIONS.values()))
@@ -80,19 +85,44 @@ class CaptionDecoder:
         return sample
 
 
+def conversation_of(
+    raw: dict[str, Any], metadata: dict[str, Any], caption_prompt: str
+) -> list[dict[str, str]]:
+    """The sample's conversation: its ``.json`` ``messages`` (conversation shards), its question and
+    answer (qa shards), or its caption answering ``caption_prompt`` (caption shards)."""
+    if "messages" in metadata:
+        messages = metadata["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError(f"sample {raw['__key__']}: .json messages is not a list of {{role, content}}")
+        return [{"role": str(m.get("role")), "content": m.get("content")} for m in messages]
+    if "question" in metadata and "answer" in metadata:
+        return [
+            {"role": "user", "content": str(metadata["question"])},
+            {"role": "assistant", "content": str(metadata["answer"])},
+        ]
+    caption = raw["txt"].decode("utf-8") if "txt" in raw else metadata.get("caption")
+    if caption is None:
+        raise ValueError(f"sample {raw['__key__']} has no messages, question/answer or caption")
+    return [{"role": "user", "content": caption_prompt}, {"role": "assistant", "content": str(caption)}]
+
+
 @dataclass
-class QADecoder:
-    """An image with a tokenized question and answer, for VLM fine-tuning."""
+class ChatDecoder:
+    """An image with a tokenized conversation, for VLM fine-tuning: a conversation sample's every
+    turn, a question and its answer, or a caption as the answer to a caption prompt."""
 
     tokenizer: Any
     image_size: int = 224
     train: bool = True
     max_question_tokens: int = 128
     max_answer_tokens: int = 128
+    max_seq_len: int = 2048
+    """Vision tokens and text together; whole turns past it are dropped (and counted)."""
+    vision_tokens: int = 0
+    """Positions the image takes in the decoder's sequence."""
+    caption_prompts: tuple[str, ...] = ("Describe this image.",)
+    """A caption sample's question: drawn per sample in training, the first one at evaluation."""
     horizontal_flip: bool = True
-    prompt_ids: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
-    """Ids placed before and after the question (e.g. ``chat_prompt_ids(tokenizer)``); the
-    question's ids in a sample include them, so its labels skip them too."""
     on_device: bool = False
     """Leave images undecoded for the training device (device_decode.py)."""
     _vision: ImageTransform = field(init=False, repr=False)
@@ -105,17 +135,21 @@ class QADecoder:
         image = _first_member(raw, _IMAGE_EXTENSIONS)
         if image is None:
             raise ValueError(f"sample {raw['__key__']} has no image member")
-        question_ids, answer_ids = tokenize_qa(
-            str(metadata["question"]),
-            str(metadata["answer"]),
+        prompt = rng.choice(self.caption_prompts) if self.train else self.caption_prompts[0]
+        encoded = encode_chat(
             self.tokenizer,
-            self.max_question_tokens,
-            self.max_answer_tokens,
+            conversation_of(raw, metadata, prompt),
+            max_tokens=self.max_seq_len - self.vision_tokens,
+            max_question_tokens=self.max_question_tokens,
+            max_answer_tokens=self.max_answer_tokens,
         )
-        before, after = self.prompt_ids
-        return {
+        sample = {
             "sample_id": sample_id(raw, metadata),
             **image_fields(image, self._vision, self.on_device),
-            "question_ids": [*before, *question_ids, *after],
-            "answer_ids": answer_ids,
+            "input_ids": torch.tensor(encoded.input_ids, dtype=torch.long),
+            "labels": torch.tensor(encoded.labels, dtype=torch.long),
+            "questions": encoded.questions,
         }
+        if encoded.truncated_turns:
+            sample[DECODER_COUNTS] = {"truncated_turns": encoded.truncated_turns}
+        return sample

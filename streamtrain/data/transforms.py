@@ -1,4 +1,4 @@
-"""Per-sample transforms: image decoding and augmentation, log-mel audio features, text tokens."""
+"""Per-sample transforms: image decoding and augmentation, log-mel audio features, caption dropout."""
 
 from __future__ import annotations
 
@@ -180,55 +180,3 @@ def drop_text(text: str, prob: float, rng: random.Random) -> str:
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"drop probability must be in [0, 1], got {prob}")
     return "" if rng.random() < prob else text
-
-
-def tokenize_qa(
-    question: str, answer: str, tokenizer, max_question_tokens: int, max_answer_tokens: int
-) -> tuple[list[int], list[int]]:
-    """Token ids of a question and its answer for VLM training.
-
-    The question keeps its first ``max_question_tokens`` ids. The answer keeps its first
-    ``max_answer_tokens - 1`` ids followed by ``tokenizer.eos_token_id``, so it always ends in
-    EOS (never cut) and has at most ``max_answer_tokens`` ids. Special-token strings inside the
-    texts are tokenized as plain text, so data cannot inject control tokens.
-    """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("tokenize_qa: the tokenizer has no eos_token; set one (e.g. eos_token=...)")
-    if max_answer_tokens < 1:
-        raise ValueError(
-            f"tokenize_qa: max_answer_tokens must be >= 1 (room for EOS), got {max_answer_tokens}"
-        )
-    if max_question_tokens < 0:
-        raise ValueError(f"tokenize_qa: max_question_tokens must be >= 0, got {max_question_tokens}")
-    question_ids = _text_ids(tokenizer, question)[:max_question_tokens]
-    answer_ids = [*_text_ids(tokenizer, answer)[: max_answer_tokens - 1], eos]
-    return question_ids, answer_ids
-
-
-def chat_prompt_ids(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Ids around a question in one user turn of the tokenizer's chat template, ending in the
-    assistant's turn header; without a chat template, nothing before and a newline after.
-
-    The template is rendered around a marker and the two sides tokenized on their own, so the
-    question itself is tokenized by ``tokenize_qa`` (special-token text in data stays plain text).
-    """
-    if not getattr(tokenizer, "chat_template", None):
-        return (), tuple(_text_ids(tokenizer, "\n"))
-    marker = "\x00question\x00"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False
-    )
-    before, found, after = text.partition(marker)
-    if not found:
-        raise ValueError("the tokenizer's chat template does not show the user's message")
-    # The template's own control tokens (<|im_start|>, BOS, ...) must be parsed as special tokens.
-    return tuple(_template_ids(tokenizer, before)), tuple(_template_ids(tokenizer, after))
-
-
-def _template_ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _text_ids(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])

@@ -1,13 +1,16 @@
 """Vision-language model: a frozen aligned image encoder, a trainable projector and a causal LM decoder.
 
 The encoder's grid tokens (``forward_features``, optionally pooled to fewer tokens) pass through
-the projector into the decoder's embedding width and are placed before the prompt tokens:
+the projector into the decoder's embedding width and are placed before the conversation, once:
 
-    [vision_1 .. vision_V] [prompt (question in the chat template)] [answer .. end] [padding]
-    labels: -100 ...  -100   -100 ...                        -100    answer .. end   -100 ...
+    [vision_1 .. vision_V] [user turn 1] [answer 1 .. end] [user turn 2] [answer 2 .. end] [padding]
+    labels: -100 ...  -100   -100 ...     answer 1 .. end    -100 ...     answer 2 .. end   -100 ...
 
-Logits are computed only at positions where a label is learned (the decoder's ``logits_to_keep``),
-so a 150k-token vocabulary costs [batch, answer positions, vocab], not [batch, length, vocab].
+Several such samples may share a row (``data.pack``), each attending only to itself.
+
+Logits are computed only at positions where a label is learned (the decoder's output head applied
+to those hidden states), so a 150k-token vocabulary costs [answer tokens, vocab], not
+[batch, length, vocab].
 Generation is a greedy loop of decoder forward passes with a KV cache, not Hugging Face's
 ``generate()``: peft LoRA on a 4-bit model stops training once ``generate()`` has run on that
 model object (see ENVIRONMENT.md), and the loop keeps the vision prefix in one code path.
@@ -22,9 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import DynamicCache
 
-from streamtrain.data.collate import IGNORE_INDEX
+from streamtrain.data.collate import IGNORE_INDEX, answer_spans
 from streamtrain.models.alignment import Projector
 from streamtrain.models.decoder import four_bit_layers, is_quantized
 from streamtrain.models.vision import VisionEncoder
@@ -46,9 +50,9 @@ class VisionLanguageModel(nn.Module):
     """Frozen ``vision`` encoder -> LayerNorm + projector (trainable) -> ``decoder`` (a causal LM).
 
     ``forward(batch)`` takes a ``collate_vlm`` batch and returns ``loss`` (mean cross-entropy
-    over answer tokens), ``logits`` [answer tokens, vocab], ``labels`` [answer tokens] and
-    ``answer_tokens``; with ``max_new_tokens`` > 0 it also returns ``generated`` [B, max_new_tokens],
-    greedy answers to the batch's prompts (padded with ``pad_token_id`` after the end token).
+    over answer tokens, see ``answer_loss_sum``), ``labels`` [answer tokens] and ``answer_tokens``.
+    ``answer_turns`` generates an answer to every turn of a batch, and ``generate_answers`` to any
+    prompts (``streamtrain.data.chat.encode_chat`` makes them).
 
     Checkpoints (``state_dict``) hold only the trainable parameters: the frozen encoder and a
     frozen (possibly 4-bit) decoder base are rebuilt from their sources, so a QLoRA checkpoint of
@@ -127,46 +131,80 @@ class VisionLanguageModel(nn.Module):
     def _embed_tokens(self, input_ids: Tensor) -> Tensor:
         return self.decoder.get_input_embeddings()(input_ids)
 
-    def training_inputs(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Vision tokens + the batch's text as ``inputs_embeds``, with the matching mask and labels."""
+    def training_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch's rows as ``inputs_embeds`` (each sample's vision tokens in its vision slots,
+        its text after them), the decoder's attention arguments, and the labels.
+
+        One sample per row: the padding mask. Packed rows: no mask, but position ids that restart
+        at every sample, from which the decoder's attention keeps each sample to itself
+        (transformers' packed-sequence masks; flash attention reads them as sequence bounds).
+        """
         vision = self.encode_images(batch["image"])
         text = self._embed_tokens(batch["input_ids"])
-        count = vision.shape[1]
-        mask = batch["attention_mask"]
-        vision_labels = torch.full((len(mask), count), IGNORE_INDEX, dtype=torch.long, device=mask.device)
-        return {
-            "inputs_embeds": torch.cat([vision.to(text.dtype), text], dim=1),
-            "attention_mask": torch.cat([torch.ones_like(vision_labels), mask], dim=1),
-            "labels": torch.cat([vision_labels, batch["labels"]], dim=1),
-        }
+        slots = batch["vision_mask"]
+        if int(slots.sum()) != vision.shape[0] * vision.shape[1]:
+            raise ValueError(
+                f"the batch has {int(slots.sum())} vision slots for {vision.shape[0]} images of "
+                f"{vision.shape[1]} tokens: collate with vision_tokens={vision.shape[1]}"
+            )
+        embeds = text.masked_scatter(slots.unsqueeze(-1), vision.to(text.dtype))
+        if batch.get("packed"):
+            attention = {"attention_mask": None, "position_ids": batch["position_ids"]}
+        else:
+            attention = {"attention_mask": batch["attention_mask"]}
+        return {"inputs_embeds": embeds, **attention, "labels": batch["labels"]}
 
-    def forward(self, batch: dict[str, Any], max_new_tokens: int = 0) -> dict[str, Tensor]:
+    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         inputs = self.training_inputs(batch)
-        labels = inputs["labels"]
-        # Position t predicts token t + 1: keep the positions whose next token is learned in any
-        # row (a 1-D ``logits_to_keep``, which every recent causal LM takes), then each row's own.
+        labels = inputs.pop("labels")
+        # Position t predicts token t + 1: the output head runs only at the positions whose next
+        # token is learned, row by row (a packed row's learned positions are many and scattered:
+        # the union over rows that ``logits_to_keep`` takes would cost several times as much).
         predicts = torch.zeros_like(labels, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        positions = predicts.any(dim=0).nonzero().squeeze(1)
-        logits = self.decoder(
-            inputs_embeds=inputs["inputs_embeds"],
-            attention_mask=inputs["attention_mask"],
-            logits_to_keep=positions,
-            use_cache=False,
-        ).logits
-        logits = logits[predicts[:, positions]]  # row-major, like the targets below
+        hidden = self.decoder.get_decoder()(**inputs, use_cache=False).last_hidden_state
         targets = labels[:, 1:][predicts[:, :-1]]
-        outputs = {
-            "loss": F.cross_entropy(logits.float(), targets),
-            "logits": logits,
+        summed = answer_loss_sum(self.decoder.get_output_embeddings(), hidden[predicts], targets)
+        return {
+            "loss": summed / max(1, targets.numel()),
             "labels": targets,
             "answer_tokens": torch.tensor(targets.numel(), device=targets.device),
         }
-        if max_new_tokens > 0:
-            outputs["generated"] = self.generate_answers(
-                batch["image"], batch["input_ids"], batch["question_lengths"], max_new_tokens
-            )
-        return outputs
+
+    @torch.no_grad()
+    def answer_turns(
+        self, batch: dict[str, Any], max_new_tokens: int, chunk: int = 64
+    ) -> tuple[Tensor, list[Tensor], list[int]]:
+        """Greedy answers to every assistant turn of a ``collate_vlm`` batch, each prompted with its
+        image and its conversation up to that turn (the earlier answers as the data gives them).
+
+        Returns the generated ids [turns, max_new_tokens], each turn's reference (its label ids:
+        the answer and its end token) and its index in its conversation, turns in row order.
+        """
+        vision_tokens = int(batch["vision_mask"].sum()) // len(batch["sample_ids"])
+        prompts, references, samples, indices = [], [], [], []
+        starts = batch["sample_starts"].tolist()
+        for sample, (row, spans) in enumerate(
+            zip(batch["sample_rows"].tolist(), answer_spans(batch), strict=True)
+        ):
+            text = starts[sample] + vision_tokens
+            for index, (begin, end) in enumerate(spans):
+                prompts.append(batch["input_ids"][row, text:begin])
+                references.append(batch["labels"][row, begin:end])
+                samples.append(sample)
+                indices.append(index)
+        generated = []
+        for first in range(0, len(prompts), chunk):
+            part = prompts[first : first + chunk]
+            lengths = torch.tensor([len(p) for p in part], device=batch["input_ids"].device)
+            padded = nn.utils.rnn.pad_sequence(part, batch_first=True, padding_value=self.pad_token_id)
+            images = batch["image"][
+                torch.tensor(samples[first : first + chunk], device=batch["image"].device)
+            ]
+            generated.append(self.generate_answers(images, padded, lengths, max_new_tokens))
+        if not generated:
+            return torch.empty((0, max_new_tokens), dtype=torch.long), [], []
+        return torch.cat(generated), references, indices
 
     @torch.no_grad()
     def generate_answers(
@@ -216,6 +254,33 @@ class VisionLanguageModel(nn.Module):
             mask = torch.cat([mask, mask.new_ones((batch_size, 1))], dim=1)
             positions = positions[:, -1:] + 1
         return generated
+
+
+LOSS_CHUNK_LOGITS = 1 << 25
+"""Logits alive at once in the answer loss (float32: 128 MiB): 220 positions of a 151,936-token
+vocabulary. Without chunks, [answer tokens, vocab] would be the largest tensor of a step and grow
+with every token a step learns (2.4 GB for 4,000 answer tokens)."""
+
+
+def answer_loss_sum(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    """Summed cross-entropy of ``head(hidden)`` [N, vocab] against ``targets`` [N], computed in
+    chunks of positions whose logits are recomputed in backward instead of kept (activation
+    checkpointing): the memory of a step no longer grows with the tokens it learns."""
+    vocab = head.weight.shape[0]
+    size = max(1, LOSS_CHUNK_LOGITS // vocab)
+
+    def chunk_loss(part: Tensor, part_targets: Tensor) -> Tensor:
+        return F.cross_entropy(head(part).float(), part_targets, reduction="sum")
+
+    if len(targets) <= size:
+        return chunk_loss(hidden, targets)
+    chunks = [(hidden[i : i + size], targets[i : i + size]) for i in range(0, len(targets), size)]
+    if not torch.is_grad_enabled():
+        return sum((chunk_loss(part, t) for part, t in chunks), torch.zeros((), device=hidden.device))
+    return sum(
+        (checkpoint(chunk_loss, part, t, use_reentrant=False) for part, t in chunks),
+        torch.zeros((), device=hidden.device),
+    )
 
 
 def _keep_trainable(module: nn.Module, state_dict: dict[str, Any], prefix: str, _metadata: Any) -> None:

@@ -2,9 +2,11 @@
 
 The encoder comes from an alignment checkpoint (its ``vision.*`` weights and the ``model.vision``
 section of its config.yaml; the text encoder is not needed). Its grid tokens go through a
-trainable projector into the decoder, ahead of the question in the tokenizer's chat template.
-Loss: cross-entropy over the answer and its end token. Evaluation: perplexity (exp of the mean
-answer-token loss), and exact match, BLEU and ROUGE-L of greedy answers (see streamtrain.qa_metrics).
+trainable projector into the decoder, once, ahead of the conversation in the tokenizer's chat
+template (conversation shards: every turn; QA shards: one; caption shards: a caption prompt and the
+caption; see streamtrain.data.chat). Loss: cross-entropy over every answer and its end token.
+Evaluation: perplexity (exp of the mean answer-token loss), and exact match, BLEU and ROUGE-L of
+greedy answers to every turn (see streamtrain.qa_metrics).
 """
 
 from __future__ import annotations
@@ -23,15 +25,15 @@ from torch import nn
 
 from streamtrain.config import RunConfig
 from streamtrain.config.models import VLMModelConfig
-from streamtrain.data.collate import IGNORE_INDEX, collate_vlm
-from streamtrain.data.decoders import QADecoder
-from streamtrain.data.transforms import chat_prompt_ids
+from streamtrain.data.chat import stop_token_ids
+from streamtrain.data.collate import collate_vlm
+from streamtrain.data.decoders import ChatDecoder
 from streamtrain.distributed import all_reduce_sum, gather_objects
 from streamtrain.errors import UserError
 from streamtrain.models.decoder import LoraSettings, load_decoder, resolve_dtype
 from streamtrain.models.qwen import load_tokenizer
 from streamtrain.models.vision import VisionConfig, VisionEncoder, build_vision_encoder
-from streamtrain.models.vlm import VisionLanguageModel
+from streamtrain.models.vlm import VisionLanguageModel, pool_grid
 from streamtrain.qa_metrics import answer_metrics
 from streamtrain.train import checkpoint
 from streamtrain.train.task import Task
@@ -121,8 +123,19 @@ class VLMTask(Task):
             raise UserError(f"{key}: cannot load a tokenizer from {source!r}: {error}") from None
         if self.tokenizer.eos_token_id is None:
             raise UserError(f"model.tokenizer: the tokenizer at {source!r} has no end-of-sequence token")
-        self.prompt_ids = chat_prompt_ids(self.tokenizer)
+        self.stop_token_ids = stop_token_ids(self.tokenizer)
+        self._vision_tokens: int | None = None
         self._examples: list[tuple[str, str]] = []
+
+    @property
+    def vision_tokens(self) -> int:
+        """Positions one image takes in the decoder's sequence (the encoder's grid, pooled)."""
+        if self._vision_tokens is None:
+            encoder, _ = load_aligned_vision(self.encoder_dir)
+            self._vision_tokens = _grid_size(
+                encoder, self.config.data.image_size, self.model_config.vision_tokens
+            )
+        return self._vision_tokens
 
     def build_model(self) -> nn.Module:
         model_config = self.model_config
@@ -155,10 +168,11 @@ class VLMTask(Task):
             model_config.double_quant,
         )
         width = decoder.get_input_embeddings().embedding_dim
+        self._vision_tokens = _grid_size(encoder, self.config.data.image_size, model_config.vision_tokens)
         return VisionLanguageModel(
             vision=encoder,
             decoder=decoder,
-            stop_token_ids=[self.tokenizer.eos_token_id],
+            stop_token_ids=self.stop_token_ids,
             pad_token_id=self.tokenizer.pad_token_id,
             vision_tokens=model_config.vision_tokens,
             projector_hidden_dim=width if model_config.projector == "mlp2x_gelu" else None,
@@ -173,21 +187,31 @@ class VLMTask(Task):
         model.place(device)
         return True
 
-    def decoder(self, train: bool, on_device: bool = False) -> QADecoder:
+    def decoder(self, train: bool, on_device: bool = False) -> ChatDecoder:
         data = self.config.data
-        return QADecoder(
+        if data.max_seq_len <= self.vision_tokens:
+            raise UserError(
+                f"data.max_seq_len ({data.max_seq_len}) leaves no room for text after an image's "
+                f"{self.vision_tokens} vision tokens"
+            )
+        return ChatDecoder(
             self.tokenizer,
             image_size=data.image_size,
             train=train,
             max_question_tokens=data.max_question_tokens,
             max_answer_tokens=data.max_answer_tokens,
+            max_seq_len=data.max_seq_len,
+            vision_tokens=self.vision_tokens,
+            caption_prompts=tuple(data.caption_prompts),
             horizontal_flip=data.horizontal_flip,
-            prompt_ids=self.prompt_ids,
             on_device=on_device,
         )
 
     def collate(self, samples: list[Any]) -> dict[str, Any]:
-        return collate_vlm(samples, self.tokenizer.pad_token_id)
+        data = self.config.data
+        return collate_vlm(
+            samples, self.tokenizer.pad_token_id, self.vision_tokens, data.pack, data.max_seq_len
+        )
 
     def loss(
         self, model: nn.Module, batch: dict[str, Any], step: int
@@ -196,51 +220,58 @@ class VLMTask(Task):
         return out["loss"], {"answer_tokens": float(out["answer_tokens"])}
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Any]]) -> dict[str, float]:
+        """Perplexity over every answer token, and greedy answers to every turn (each prompted with
+        its conversation up to that turn) scored against the data's: overall and per turn index."""
         # The bare module: a DDP wrapper would sync buffers on every forward, and ranks may
         # hold different numbers of held-out batches. Accelerate's autocast stays on its forward.
         vlm = getattr(model, "module", model)
-        loss_sum, tokens = 0.0, 0
+        loss_sum, tokens, samples = 0.0, 0, 0
         predictions: list[str] = []
         references: list[str] = []
+        turn_indices: list[int] = []
         questions: list[str] = []
         for batch in batches:
-            out = vlm(batch, max_new_tokens=self.model_config.max_new_tokens)
+            out = vlm(batch)
             count = int(out["answer_tokens"])
             loss_sum += float(out["loss"]) * count
             tokens += count
-            predictions += self.answers(out["generated"])
-            references += self.answers(batch["labels"])
-            questions += self._questions(batch)
-        totals = all_reduce_sum({"loss_sum": loss_sum, "tokens": float(tokens)})
-        predictions, references = gather_objects(predictions), gather_objects(references)
-        if not predictions:
+            samples += len(batch["sample_ids"])
+            generated, answers, indices = vlm.answer_turns(
+                batch, self.model_config.max_new_tokens, chunk=self.config.eval.batch_size
+            )
+            predictions += self.answers(generated)
+            references += [self.answers(answer[None])[0] for answer in answers]
+            turn_indices += indices
+            questions += batch["questions"]
+        totals = all_reduce_sum({"loss_sum": loss_sum, "tokens": float(tokens), "samples": float(samples)})
+        scored = gather_objects(list(zip(predictions, references, turn_indices, strict=True)))
+        if not scored:
             raise UserError("the held-out set gave no samples to evaluate")
         mean_loss = totals["loss_sum"] / max(1.0, totals["tokens"])
         self._examples = list(zip(questions[:2], predictions[:2], strict=False))
-        scores = answer_metrics(predictions, references)
-        return {
-            "eval/samples": float(len(predictions)),
+        scores = answer_metrics([p for p, _, _ in scored], [r for _, r, _ in scored])
+        metrics = {
+            "eval/samples": totals["samples"],
+            "eval/turns": float(len(scored)),
             "eval/answer_loss": mean_loss,
             "eval/perplexity": math.exp(min(mean_loss, 80.0)),  # capped: exp overflows past ~709
             **{f"eval/{name}": value for name, value in scores.items()},
         }
+        for index in sorted({i for _, _, i in scored}):
+            turn = [(p, r) for p, r, i in scored if i == index]
+            metrics[f"eval/exact_match_turn{index + 1}"] = answer_metrics(
+                *map(list, zip(*turn, strict=True))
+            )["exact_match"]
+        return metrics
 
     def answers(self, token_rows: torch.Tensor) -> list[str]:
-        """Answer texts of generated or label rows: the tokens before the end token, -100 dropped."""
-        eos = self.tokenizer.eos_token_id
+        """Answer texts of generated or reference rows: the tokens before the first stop token."""
+        stops = set(self.stop_token_ids)
         texts = []
         for row in token_rows.tolist():
-            ids = [token for token in row if token != IGNORE_INDEX]
-            ids = ids[: ids.index(eos)] if eos in ids else ids
-            texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
+            end = next((i for i, token in enumerate(row) if token in stops), len(row))
+            texts.append(self.tokenizer.decode(row[:end], skip_special_tokens=True).strip())
         return texts
-
-    def _questions(self, batch: dict[str, Any]) -> list[str]:
-        before, after = len(self.prompt_ids[0]), len(self.prompt_ids[1])
-        return [
-            self.tokenizer.decode(row[before : int(length) - after].tolist(), skip_special_tokens=True)
-            for row, length in zip(batch["input_ids"], batch["question_lengths"], strict=True)
-        ]
 
     def save_artifacts(self, model: nn.Module, directory: Path) -> None:
         """projector.safetensors (with its input LayerNorm), and adapter/ (peft ``save_pretrained``)
@@ -259,11 +290,30 @@ class VLMTask(Task):
 
     def summary(self, metrics: dict[str, float]) -> str:
         examples = "; ".join(f"{question!r} -> {answer!r}" for question, answer in self._examples)
+        turns = _per_turn(metrics)
         return (
-            f"held-out ({int(metrics.get('eval/samples', 0))} samples): "
-            f"exact match {metrics.get('eval/exact_match', float('nan')):.3f}, "
-            f"perplexity {metrics.get('eval/perplexity', float('nan')):.3f}, "
+            f"held-out ({int(metrics.get('eval/samples', 0))} samples, {int(metrics.get('eval/turns', 0))} "
+            f"turns): exact match {metrics.get('eval/exact_match', float('nan')):.3f}"
+            + (f" ({turns})" if turns else "")
+            + f", perplexity {metrics.get('eval/perplexity', float('nan')):.3f}, "
             f"BLEU {metrics.get('eval/bleu', float('nan')):.1f}, "
             f"ROUGE-L {metrics.get('eval/rouge_l', float('nan')):.3f}"
             + (f"; e.g. {examples}" if examples else "")
         )
+
+
+def _per_turn(metrics: dict[str, float]) -> str:
+    """``turn 1 0.91, turn 2 0.88, ...`` when the held-out conversations have several turns."""
+    found = sorted(
+        (int(key.removeprefix("eval/exact_match_turn")), value)
+        for key, value in metrics.items()
+        if key.startswith("eval/exact_match_turn")
+    )
+    return ", ".join(f"turn {index} {value:.3f}" for index, value in found) if len(found) > 1 else ""
+
+
+def _grid_size(encoder: VisionEncoder, image_size: int, pooled_to: int | None) -> int:
+    """Tokens an ``image_size`` image becomes: the encoder's grid, pooled to ``pooled_to``."""
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, image_size, image_size)
+        return int(pool_grid(encoder.eval().forward_features(probe), pooled_to).shape[1])

@@ -281,6 +281,7 @@ class Trainer:
         assert self.eval_data is not None
         metrics = self._held_out(self.eval_data)
         self.last_eval = metrics
+        summary = self.task.summary(metrics)  # before the sources' passes: it may quote this one's answers
         logged = {key if "/" in key else f"eval/{key}": value for key, value in metrics.items()}
         if self.eval_data.named and len(self.eval_data.sources) > 1:
             for source in self.eval_data.sources:
@@ -289,7 +290,7 @@ class Trainer:
                     {f"eval/{source.name}/{key.removeprefix('eval/')}": v for key, v in part.items()}
                 )
         self._log(logged)
-        self._print(f"step {self.step}: " + self.task.summary(metrics))
+        self._print(f"step {self.step}: {summary}")
         self.checkpoints.update_best(self.step, metrics)
         return metrics
 

@@ -41,8 +41,9 @@ exactly one whole line per step, in order, equal to the reference's.
 Recovery time: from the SIGKILL to the first step the resumed run trains (its first new line in
 ``metrics.jsonl``), process start-up included.
 
-The VLM task's resume is covered by ``tests/streamtrain/vlm/test_vlm_run.py`` (a QLoRA run
-killed with SIGKILL and resumed, compared with an uninterrupted one); it is not repeated here.
+The VLM task's resume is covered by ``tests/streamtrain/vlm/test_vlm_run.py`` (a packed
+conversation QLoRA run killed with SIGKILL and resumed, compared with an uninterrupted one; a
+2-rank run killed and resumed on 1 rank); it is not repeated here.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from streamtrain.data.collate import IGNORE_INDEX, collate_alignment, collate_vlm
+from streamtrain.data.collate import IGNORE_INDEX, answer_spans, collate_alignment, collate_vlm
 
 EOS = 2
 PAD = 99
@@ -13,51 +13,80 @@ def image(value: float, size: int = 8) -> torch.Tensor:
     return torch.full((3, size, size), value)
 
 
+def vlm_sample(sample_id: str, value: float, prompt: list[int], answer: list[int], *more: list[int]) -> dict:
+    """A sample as ``ChatDecoder`` makes one: prompt ids, then answer ids (learned), then any
+    further (prompt, answer) pairs."""
+    parts = [prompt, answer, *more]
+    input_ids = [token for part in parts for token in part]
+    labels = [t if k % 2 else IGNORE_INDEX for k, part in enumerate(parts) for t in part]
+    return {
+        "sample_id": sample_id,
+        "image": image(value),
+        "input_ids": torch.tensor(input_ids),
+        "labels": torch.tensor(labels),
+        "questions": [f"{sample_id}{k}" for k in range(0, len(parts), 2)],
+    }
+
+
 def vlm_samples() -> list[dict]:
-    return [
-        {"sample_id": "a", "image": image(0.0), "question_ids": [11, 12, 13], "answer_ids": [21, 22, EOS]},
-        {"sample_id": "b", "image": image(1.0), "question_ids": [31], "answer_ids": [41, EOS]},
-    ]
+    return [vlm_sample("a", 0.0, [11, 12, 13], [21, 22, EOS]), vlm_sample("b", 1.0, [31], [41, EOS])]
 
 
 def test_collate_vlm_pads_masks_and_labels() -> None:
-    batch = collate_vlm(vlm_samples(), pad_token_id=PAD)
-    expected_input_ids = torch.tensor([[11, 12, 13, 21, 22, 2], [31, 41, 2, 99, 99, 99]])
-    expected_attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
-    expected_labels = torch.tensor([[-100, -100, -100, 21, 22, 2], [-100, 41, 2, -100, -100, -100]])
+    batch = collate_vlm(vlm_samples(), pad_token_id=PAD, vision_tokens=2)
+    V = PAD  # a vision slot holds the pad id; the model puts the image's tokens there
+    expected_input_ids = torch.tensor([[V, V, 11, 12, 13, 21, 22, 2], [V, V, 31, 41, 2, PAD, PAD, PAD]])
+    expected_attention_mask = torch.tensor([[1] * 8, [1, 1, 1, 1, 1, 0, 0, 0]])
+    expected_labels = torch.tensor(
+        [[-100, -100, -100, -100, -100, 21, 22, 2], [-100, -100, -100, 41, 2, -100, -100, -100]]
+    )
     assert torch.equal(batch["input_ids"], expected_input_ids)
     assert torch.equal(batch["attention_mask"], expected_attention_mask)
     assert torch.equal(batch["labels"], expected_labels)
-    assert torch.equal(batch["question_lengths"], torch.tensor([3, 1]))
-    for key in ("input_ids", "attention_mask", "labels", "question_lengths"):
+    assert batch["vision_mask"].tolist() == [[True, True] + [False] * 6] * 2
+    assert batch["position_ids"].tolist() == [list(range(8)), [0, 1, 2, 3, 4, 0, 1, 2]]
+    for key in ("input_ids", "attention_mask", "labels", "position_ids", "sample_rows", "sample_starts"):
         assert batch[key].dtype == torch.long, key
-    assert batch["sample_ids"] == ["a", "b"]
+    assert batch["sample_ids"] == ["a", "b"] and batch["packed"] is False
+    assert batch["sample_rows"].tolist() == [0, 1] and batch["sample_starts"].tolist() == [0, 0]
+    assert batch["sample_lengths"].tolist() == [8, 5] and batch["questions"] == ["a0", "b0"]
     assert batch["image"].shape == (2, 3, 8, 8)
     assert torch.equal(batch["image"][1], image(1.0))
+    assert answer_spans(batch) == [[(5, 8)], [(3, 5)]]
     assert IGNORE_INDEX == -100
 
 
-def test_collate_vlm_pad_equal_to_eos_keeps_the_answer_eos() -> None:
-    # Qwen pads with its EOS id: padding must still be masked and ignored, the real EOS learned.
-    batch = collate_vlm(vlm_samples(), pad_token_id=EOS)
-    assert torch.equal(batch["input_ids"], torch.tensor([[11, 12, 13, 21, 22, 2], [31, 41, 2, 2, 2, 2]]))
-    assert torch.equal(batch["attention_mask"], torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]))
-    assert torch.equal(
-        batch["labels"], torch.tensor([[-100, -100, -100, 21, 22, 2], [-100, 41, 2, -100, -100, -100]])
-    )
-
-
-def test_collate_vlm_empty_question() -> None:
-    samples = [{"sample_id": "a", "image": image(0.0), "question_ids": [], "answer_ids": [5, EOS]}]
-    batch = collate_vlm(samples, pad_token_id=PAD)
-    assert torch.equal(batch["input_ids"], torch.tensor([[5, 2]]))
-    assert torch.equal(batch["labels"], torch.tensor([[5, 2]]))
-    assert torch.equal(batch["question_lengths"], torch.tensor([0]))
+def test_packing_fills_rows_first_fit_longest_first() -> None:
+    samples = [
+        vlm_sample("a", 0.0, [1, 2], [3, EOS]),  # 2 + 4 = 6 positions
+        vlm_sample("b", 1.0, [1, 2, 3, 4, 5], [6, 7, EOS]),  # 10
+        vlm_sample("c", 2.0, [1], [2, EOS], [4], [5, EOS]),  # 8, two turns
+        vlm_sample("d", 3.0, [1], [EOS]),  # 4
+    ]
+    batch = collate_vlm(samples, pad_token_id=PAD, vision_tokens=2, pack=True, max_seq_len=14)
+    # b (10) opens row 0, c (8) row 1, a (6) joins c, d (4) joins b.
+    assert batch["sample_ids"] == ["b", "d", "c", "a"]
+    assert batch["sample_rows"].tolist() == [0, 0, 1, 1] and batch["sample_starts"].tolist() == [0, 10, 0, 8]
+    assert batch["input_ids"].shape == (2, 14) and batch["packed"] is True
+    assert batch["position_ids"].tolist() == [[*range(10), *range(4)], [*range(8), *range(6)]]
+    assert batch["attention_mask"].tolist() == [[1] * 14, [1] * 14]
+    assert [float(i[0, 0, 0]) for i in batch["image"]] == [1.0, 3.0, 2.0, 0.0]
+    assert batch["vision_mask"][0].nonzero().flatten().tolist() == [0, 1, 10, 11]
+    assert answer_spans(batch) == [[(7, 10)], [(13, 14)], [(3, 5), (6, 8)], [(12, 14)]]
+    assert batch["questions"] == ["b0", "d0", "c0", "c2", "a0"]
+    unpacked = collate_vlm(samples, pad_token_id=PAD, vision_tokens=2)
+    learned = sorted(unpacked["labels"][unpacked["labels"] != IGNORE_INDEX].tolist())
+    assert sorted(batch["labels"][batch["labels"] != IGNORE_INDEX].tolist()) == learned
+    alone = collate_vlm(samples, pad_token_id=PAD, vision_tokens=2, pack=True, max_seq_len=9)
+    assert alone["input_ids"].shape == (4, 10)  # b is longer than a row: it gets one of its own
+    assert alone["sample_ids"] == ["b", "c", "a", "d"]
+    # A row that is not full ends in padding that counts its own positions.
+    assert alone["position_ids"][3].tolist() == [*range(4), *range(6)]
 
 
 def test_collate_vlm_errors() -> None:
     no_answer = vlm_samples()
-    no_answer[1]["answer_ids"] = []
+    no_answer[1]["labels"] = torch.full_like(no_answer[1]["labels"], IGNORE_INDEX)
     with pytest.raises(ValueError, match="'b' has no answer tokens"):
         collate_vlm(no_answer, pad_token_id=PAD)
     other_size = vlm_samples()
@@ -66,6 +95,8 @@ def test_collate_vlm_errors() -> None:
         collate_vlm(other_size, pad_token_id=PAD)
     with pytest.raises(ValueError, match="empty batch"):
         collate_vlm([], pad_token_id=PAD)
+    with pytest.raises(ValueError, match="packing needs max_seq_len"):
+        collate_vlm(vlm_samples(), pad_token_id=PAD, pack=True)
 
 
 def alignment_samples(with_image: bool = True, with_mel: bool = False) -> list[dict]:

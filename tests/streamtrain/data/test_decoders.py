@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
+from shardify.bytestream import RateLimitedLog
 from shardify.convert import ConvertOptions, convert
 from shardify.tarread import iter_samples
 from streamtrain.config import AudioConfig, DataConfig
 from streamtrain.data.collate import collate_alignment, collate_vlm
-from streamtrain.data.decoders import CaptionDecoder, QADecoder
+from streamtrain.data.counts import DECODER_COUNTS, decode_samples
+from streamtrain.data.decoders import CaptionDecoder, ChatDecoder
 from streamtrain.data.pipeline import train_loader
 from streamtrain.data.shards import resolve
 from tests import factories
@@ -76,26 +81,77 @@ def test_alignment_pipeline_end_to_end(caption_out: Path) -> None:
     assert len(set(ids)) == len(ids) == 24
 
 
-def test_qa_decoder_and_vlm_collate(tmp_path: Path, qwen2_tokenizer) -> None:
-    rows = [
+def test_chat_decoder_reads_qa_caption_and_conversation_shards(tmp_path: Path, qwen2_tokenizer) -> None:
+    qa_rows = [
         {
             "question": f"What number is shown in picture {i}?",
             "answer": f"number {i}",
             "image_bytes": factories.jpeg(seed=i),
         }
-        for i in range(6)
+        for i in range(3)
     ]
-    factories.write_parquet(tmp_path / "qa.parquet", rows)
-    convert([str(tmp_path / "qa.parquet")], ConvertOptions(output=str(tmp_path / "out")))
-    decoder = QADecoder(qwen2_tokenizer, image_size=32, train=False, max_answer_tokens=4)
-    samples = [
-        decoder(raw, random.Random(0))
-        for raw in iter_samples(str(tmp_path / "out" / "shard-000000-000000.tar"))
+    conversation = [
+        {"role": "user", "content": "What is it?"},
+        {"role": "assistant", "content": "a photo"},
+        {"role": "user", "content": "Which colours?"},
+        {"role": "assistant", "content": "many colours in stripes"},
     ]
-    assert all(
-        s["answer_ids"][-1] == qwen2_tokenizer.eos_token_id and len(s["answer_ids"]) <= 4 for s in samples
-    )
-    batch = collate_vlm(samples, pad_token_id=qwen2_tokenizer.pad_token_id)
+    chat_rows = [{"messages": conversation, "image_bytes": factories.jpeg(seed=9)}]
+    samples = []
+    prompts = ("Describe it.", "Caption it.")
+    for name, rows in (
+        ("qa", qa_rows),
+        ("caption", factories.caption_rows(2, size=(40, 30))),
+        ("chat", chat_rows),
+    ):
+        factories.write_parquet(tmp_path / f"{name}.parquet", rows)
+        convert([str(tmp_path / f"{name}.parquet")], ConvertOptions(output=str(tmp_path / name)))
+        decoder = ChatDecoder(
+            qwen2_tokenizer,
+            image_size=32,
+            train=True,
+            max_answer_tokens=4,
+            vision_tokens=16,
+            caption_prompts=prompts,
+        )
+        raws = list(iter_samples(str(tmp_path / name / "shard-000000-000000.tar")))
+        samples += [decoder(raw, random.Random(i)) for i, raw in enumerate(raws)]
+    for sample in samples:
+        learned = sample["labels"][sample["labels"] != -100]
+        assert learned[-1] == qwen2_tokenizer.convert_tokens_to_ids("<|im_end|>")
+        assert sample["image"].shape == (3, 32, 32) and len(sample["input_ids"]) == len(sample["labels"])
+    assert [s["questions"] for s in samples[:3]] == [
+        [f"What number is shown in picture {i}?"] for i in range(3)
+    ]
+    assert {s["questions"][0] for s in samples[3:5]} <= set(prompts)  # captions answer a caption prompt
+    assert samples[5]["questions"] == ["What is it?", "Which colours?"]
+    batch = collate_vlm(samples, pad_token_id=qwen2_tokenizer.pad_token_id, vision_tokens=16)
     assert batch["input_ids"].shape[0] == 6 and batch["image"].shape == (6, 3, 32, 32)
-    learned = batch["labels"][0][batch["labels"][0] != -100].tolist()
-    assert learned == samples[0]["answer_ids"]
+    assert int(batch["vision_mask"].sum()) == 6 * 16
+    assert batch["questions"][-2:] == ["What is it?", "Which colours?"]
+
+
+def test_chat_decoder_drops_whole_turns_past_max_seq_len_and_counts_them(qwen2_tokenizer) -> None:
+    turns = [
+        {"role": r, "content": f"{r} says something {i}"} for i in range(5) for r in ("user", "assistant")
+    ]
+    raw = {"__key__": "k", "jpg": factories.jpeg(seed=1), "json": json.dumps({"messages": turns}).encode()}
+    full = ChatDecoder(qwen2_tokenizer, image_size=16, vision_tokens=4)(raw, random.Random(0))
+    assert DECODER_COUNTS not in full and len(full["questions"]) == 5
+    short = ChatDecoder(
+        qwen2_tokenizer, image_size=16, vision_tokens=4, max_seq_len=4 + len(full["input_ids"]) - 1
+    )
+    cut = short(raw, random.Random(0))
+    assert len(cut["questions"]) == 4 and cut[DECODER_COUNTS] == {"truncated_turns": 1}
+    counts: Counter[str] = Counter()
+    decoded = decode_samples(
+        [raw], short, random.Random(0), counts, RateLimitedLog(logging.getLogger("t"), 60.0)
+    )
+    assert counts == {"samples": 1, "truncated_turns": 1} and DECODER_COUNTS not in decoded[0]
+    tiny = ChatDecoder(qwen2_tokenizer, image_size=16, vision_tokens=4, max_seq_len=20)
+    counts.clear()
+    assert (
+        decode_samples([raw], tiny, random.Random(0), counts, RateLimitedLog(logging.getLogger("t"), 60.0))
+        == []
+    )
+    assert counts["decode_errors"] == 1 and not counts["samples"]

@@ -18,7 +18,7 @@ from shardify.convert import ConvertOptions, convert
 from streamtrain.config import DataConfig, EvalConfig
 from streamtrain.data.collate import collate_alignment, collate_vlm
 from streamtrain.data.dataset import Dataset
-from streamtrain.data.decoders import CaptionDecoder, QADecoder
+from streamtrain.data.decoders import CaptionDecoder, ChatDecoder
 from streamtrain.data.device_decode import EncodedImages, finish_batch
 from streamtrain.data.handover import Packed
 from streamtrain.data.images import KIND_JPEG, KIND_PIXELS, Encoded, ImageTransform, encode_for_device
@@ -148,7 +148,7 @@ def test_a_file_the_device_refuses_is_decoded_on_the_cpu() -> None:
 
 
 def test_vlm_batches_decode_on_the_device_too(qwen2_tokenizer) -> None:
-    decoder = QADecoder(qwen2_tokenizer, image_size=16, train=True, on_device=True)
+    decoder = ChatDecoder(qwen2_tokenizer, image_size=16, train=True, vision_tokens=4, on_device=True)
     raws = [
         {
             "__key__": f"q{i}",
@@ -157,7 +157,7 @@ def test_vlm_batches_decode_on_the_device_too(qwen2_tokenizer) -> None:
         }
         for i in range(3)
     ]
-    batch = collate_vlm([decoder(raw, random.Random(0)) for raw in raws], qwen2_tokenizer.pad_token_id)
+    batch = collate_vlm([decoder(raw, random.Random(0)) for raw in raws], qwen2_tokenizer.pad_token_id, 4)
     finished, counts = finish_batch(batch, "cpu")
     assert counts == {} and finished["image"].shape == (3, 3, 16, 16)
     assert finished["input_ids"].shape[0] == 3

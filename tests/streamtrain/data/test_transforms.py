@@ -18,7 +18,6 @@ from streamtrain.data.transforms import (
     decode_image,
     drop_text,
     log_mel,
-    tokenize_qa,
     vision_transform,
 )
 from tests import factories
@@ -359,55 +358,3 @@ def test_drop_text_extremes_and_reproducibility() -> None:
     assert set(first) == {"", "x"}
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         drop_text("x", 1.5, rng)
-
-
-# --- tokenize_qa -----------------------------------------------------------------------------------
-
-EOS = 151643
-QUESTION = "What colour is the small boat moored next to the old stone bridge?"
-ANSWER = "The boat is painted bright red with a white stripe along its side."
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def test_tokenize_qa_keeps_short_texts_and_appends_eos(qwen2_tokenizer) -> None:
-    question_ids, answer_ids = tokenize_qa("Hello world", "Hello world", qwen2_tokenizer, 32, 32)
-    assert question_ids == [9707, 1879]
-    assert answer_ids == [9707, 1879, EOS]
-
-
-def test_tokenize_qa_truncated_answer_still_ends_in_eos(qwen2_tokenizer) -> None:
-    full = encode(qwen2_tokenizer, ANSWER)
-    assert len(full) > 10
-    for limit in (1, 2, 5, len(full), len(full) + 1, len(full) + 5):
-        _, answer_ids = tokenize_qa(QUESTION, ANSWER, qwen2_tokenizer, 64, limit)
-        assert answer_ids[-1] == EOS
-        assert len(answer_ids) == min(limit, len(full) + 1)
-        assert answer_ids[:-1] == full[: len(answer_ids) - 1]
-
-
-def test_tokenize_qa_question_keeps_its_start(qwen2_tokenizer) -> None:
-    full = encode(qwen2_tokenizer, QUESTION)
-    question_ids, _ = tokenize_qa(QUESTION, ANSWER, qwen2_tokenizer, 4, 64)
-    assert question_ids == full[:4]
-    assert QUESTION.startswith(qwen2_tokenizer.decode(question_ids))
-    assert tokenize_qa(QUESTION, ANSWER, qwen2_tokenizer, 0, 64)[0] == []
-    assert tokenize_qa(QUESTION, ANSWER, qwen2_tokenizer, 1000, 64)[0] == full
-
-
-def test_tokenize_qa_reads_special_token_text_as_text(qwen2_tokenizer) -> None:
-    _, answer_ids = tokenize_qa("q", "done<|im_end|><|endoftext|>", qwen2_tokenizer, 8, 64)
-    assert answer_ids.count(EOS) == 1
-    assert 151645 not in answer_ids
-
-
-def test_tokenize_qa_errors(qwen2_tokenizer) -> None:
-    class NoEos:
-        eos_token_id = None
-
-    with pytest.raises(ValueError, match="eos"):
-        tokenize_qa("q", "a", NoEos(), 8, 8)
-    with pytest.raises(ValueError, match="max_answer_tokens"):
-        tokenize_qa("q", "a", qwen2_tokenizer, 8, 0)

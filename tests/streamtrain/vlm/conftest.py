@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -78,6 +80,37 @@ def fit_digit_encoder(width: int = 32, steps: int = 60, seed: int = 0) -> SmallC
 @pytest.fixture(scope="session")
 def qa_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return convert_sample(tmp_path_factory.mktemp("digits_qa"), "digits_qa")
+
+
+@pytest.fixture(scope="session")
+def conversation_shards(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The bundled digits conversations (three questions per image) as shards."""
+    return convert_sample(tmp_path_factory.mktemp("digits_conversation"), "digits_conversation")
+
+
+def question_only_baseline(train: Path, held_out: Path) -> dict[int, float]:
+    """Exact match per turn index that the questions alone allow: each held-out turn answered with
+    the answer its question most often has in the train split."""
+    answers: dict[str, Counter[str]] = {}
+    for messages in shard_conversations(train):
+        for question, answer in zip(messages[::2], messages[1::2], strict=True):
+            answers.setdefault(question["content"], Counter())[answer["content"]] += 1
+    best = {question: counts.most_common(1)[0][0] for question, counts in answers.items()}
+    hits: dict[int, list[bool]] = {}
+    for messages in shard_conversations(held_out):
+        for turn, (question, answer) in enumerate(zip(messages[::2], messages[1::2], strict=True)):
+            hits.setdefault(turn, []).append(best.get(question["content"]) == answer["content"])
+    return {turn: sum(found) / len(found) for turn, found in sorted(hits.items())}
+
+
+def shard_conversations(folder: Path) -> list[list[dict]]:
+    from shardify.tarread import iter_samples
+
+    return [
+        json.loads(sample["json"])["messages"]
+        for shard in sorted(folder.glob("*.tar"))
+        for sample in iter_samples(str(shard))
+    ]
 
 
 @pytest.fixture(scope="session")
