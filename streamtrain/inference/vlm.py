@@ -133,8 +133,10 @@ def _image_bytes(path: str) -> bytes:
         raise UserError(f"--image {path}: {error.strerror or error}") from None
     try:
         decode_image(data)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-        raise UserError(f"--image {path}: not an image that decodes ({error})") from None
+    except UnidentifiedImageError:
+        raise UserError(f"--image {path}: not an image (Pillow cannot identify its format)") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise UserError(f"--image {path}: the image does not decode ({error})") from None
     return data
 
 
