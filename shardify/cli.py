@@ -11,11 +11,14 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from shardify import show, stats
+from shardify.bytestream import ShardReadError
 from shardify.checks import DEFAULT_MAX_IMAGE_PIXELS
 from shardify.convert import ConvertOptions, ConvertResult, UnitsFailedError, convert, default_workers
 from shardify.fetch import FetchOptions
 from shardify.index import BadShardsError, IndexOptions, IndexResult, ShardScan, index
 from shardify.options import DEFAULT_UNIT_BYTES, ENGINES
+from shardify.peek import LookError
 from shardify.sources import FIELDS, InputError, parse_column_specs
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
@@ -178,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace whatever conversion OUT already holds")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, one summary line")
     _add_index_parser(commands)
+    show.add_parser(commands)
+    stats.add_parser(commands)
     return parser
 
 
@@ -250,6 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "index":
         return index_main(args)
+    if args.command in ("show", "stats"):
+        try:
+            return (show if args.command == "show" else stats).main(args)
+        except (LookError, OSError, ShardReadError) as exc:
+            print(f"shardify: error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
     progress = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty())
     try:
         options = ConvertOptions(
