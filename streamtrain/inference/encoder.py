@@ -20,12 +20,13 @@ from safetensors.torch import load_file
 from torch import Tensor
 from transformers import AutoConfig, AutoModel
 
+from streamtrain.config.models import TextConfig, VisionConfig
 from streamtrain.data.images import ImageTransform
 from streamtrain.data.transforms import upright_rgb
 from streamtrain.errors import UserError
 from streamtrain.models.alignment import Projector
-from streamtrain.models.text import TextConfig, build_text_encoder
-from streamtrain.models.vision import HFVisionEncoder, VisionConfig, VisionEncoder, build_vision_encoder
+from streamtrain.models.text import build_text_encoder
+from streamtrain.models.vision import HFVisionEncoder, VisionEncoder, build_vision_encoder
 
 EXPORT_FILE = "streamtrain_export.json"
 FORMAT_VERSION = 1

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from streamtrain.config.models import VisionConfig
 from streamtrain.data.transforms import CLIP_MEAN, CLIP_STD
 from streamtrain.errors import UserError
 from streamtrain.inference.encoder import EXPORT_FILE, FORMAT_VERSION, vision_spec
@@ -36,7 +37,6 @@ from streamtrain.inference.saved import (
 )
 from streamtrain.models.alignment import AlignmentModel
 from streamtrain.models.text import CLIPTextEncoder, SentenceTransformerTextEncoder
-from streamtrain.models.vision import VisionConfig
 from streamtrain.models.vlm import VisionLanguageModel
 
 
