@@ -14,7 +14,6 @@ no half folder; an existing export there is replaced, any other existing content
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -24,7 +23,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from streamtrain.config.models import VisionConfig
 from streamtrain.data.transforms import CLIP_MEAN, CLIP_STD
 from streamtrain.errors import UserError
 from streamtrain.inference.encoder import EXPORT_FILE, FORMAT_VERSION, vision_spec
@@ -38,6 +36,7 @@ from streamtrain.inference.saved import (
 from streamtrain.models.alignment import AlignmentModel
 from streamtrain.models.text import CLIPTextEncoder, SentenceTransformerTextEncoder
 from streamtrain.models.vlm import VisionLanguageModel
+from streamtrain.train import checkpoint
 
 
 def export(source: str | Path, output: Path) -> Path:
@@ -128,16 +127,15 @@ def _export_vlm(model: VisionLanguageModel, task: Any, config: Any, folder: Path
     decoder = merged_decoder(model.decoder, config.model.decoder)
     decoder.save_pretrained(folder / "decoder")
     task.tokenizer.save_pretrained(folder / "decoder")
-    save_file(_tensors(model.vision), str(folder / "vision.safetensors"))
+    # The vision encoder as an alignment checkpoint of it alone: the VLM task loads it as it
+    # loaded the original (its config.yaml names the architecture).
+    encoder = folder / "encoder"
+    encoder.mkdir()
+    shutil.copyfile(task.encoder_dir / checkpoint.CONFIG_FILE, encoder / checkpoint.CONFIG_FILE)
+    save_file(_tensors(model.vision, "vision."), str(encoder / checkpoint.WEIGHTS_FILE))
     save_file(model.projector_state_dict(), str(folder / "projector.safetensors"))
-    from streamtrain.tasks.vlm_qa import aligned_config
-
-    section = aligned_config(task.encoder_dir)["model"]["vision"]
-    known = {field.name for field in dataclasses.fields(VisionConfig)}
-    vision_config = VisionConfig(**{k: v for k, v in section.items() if k in known})
     return {
         "kind": "vlm",
-        "vision": vision_spec(vision_config, model.vision),
         "vision_tokens": model.vision_tokens,
         "projector_hidden_dim": _projector_hidden(model),
         "max_new_tokens": config.model.max_new_tokens,

@@ -1,9 +1,11 @@
 """A trained VLM in use: ``load_vlm(DIR)`` on an export, or a VLM run's checkpoint, asked questions.
 
-Questions are turned into token ids by the VLM task's own sample decoder and collate (an image
-and a question with an empty answer, as a held-out sample would arrive), and answered by the
-model's greedy generation, the same call evaluation makes: what ``ask`` answers is what
-evaluation scored.
+Both are driven by the VLM task itself (``VLMTask``): its sample decoder and collate turn an image
+and a question (with an empty answer, as a held-out sample arrives) into a batch, the model's
+greedy generation answers it with the call evaluation makes, and the task decodes the answer. So
+what ``ask`` answers is what evaluation scored, and a change to how the task prompts follows here.
+An export is read as the task reads a run: its ``encoder/`` is an alignment checkpoint of the
+vision encoder alone, its ``decoder/`` a plain causal LM (trained fully, as far as the task knows).
 """
 
 from __future__ import annotations
@@ -11,17 +13,18 @@ from __future__ import annotations
 import io
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file
 
 from streamtrain.errors import UserError
-from streamtrain.inference.encoder import EXPORT_FILE, build_vision, default_device, read_export
+from streamtrain.inference.encoder import EXPORT_FILE, default_device, read_export
 from streamtrain.models.vlm import VisionLanguageModel
 
 ImageInput = Image.Image | bytes | str | Path
@@ -29,12 +32,11 @@ ImageInput = Image.Image | bytes | str | Path
 
 @dataclass
 class VisionQA:
-    """A VLM with the sample decoder and collate that prompt it as in training."""
+    """A VLM and the task that prompts it as in training and evaluation."""
 
+    task: Any
+    """The ``VLMTask`` of the run (or of the export)."""
     model: VisionLanguageModel
-    tokenizer: Any
-    decode: Callable[[dict[str, Any], random.Random], dict[str, Any]]
-    collate: Callable[[list[dict[str, Any]]], dict[str, Any]]
     max_new_tokens: int
     device: torch.device
 
@@ -43,56 +45,48 @@ class VisionQA:
         self, images: Sequence[ImageInput], question: str, max_new_tokens: int | None = None
     ) -> list[str]:
         """The greedy answer to ``question`` about each image (PIL images, encoded bytes or paths)."""
-        from streamtrain.tasks.vlm_qa import answer_texts
-
-        samples = [
-            self.decode(_raw_sample(i, image, question), random.Random(0)) for i, image in enumerate(images)
-        ]
-        batch = self.collate(samples)
-        generated = self.model.generate_answers(
-            batch["image"].to(self.device),
-            batch["input_ids"].to(self.device),
-            batch["question_lengths"].to(self.device),
+        if not images:
+            return []
+        decode = self.task.decoder(train=False)
+        raw = [_raw_sample(index, image, question) for index, image in enumerate(images)]
+        batch = self.task.collate([decode(sample, random.Random(0)) for sample in raw])
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        generated = self.model.generate_answers(  # evaluation's generation (VLMTask.evaluate)
+            batch["image"],
+            batch["input_ids"],
+            batch["question_lengths"],
             max_new_tokens or self.max_new_tokens,
         )
-        return answer_texts(self.tokenizer, generated)
+        return self.task.answers(generated)
 
 
 def load_vlm(directory: str | Path, device: str | torch.device | None = None) -> VisionQA:
     """The VLM exported to ``directory`` by ``streamtrain export`` (on the GPU where there is one):
-    a plain decoder with its adapters merged, the vision encoder and the projector."""
-    from transformers import AutoModelForCausalLM
-
+    its decoder with the adapters merged, its vision encoder and projector."""
     from streamtrain.config import build_config
-    from streamtrain.models.qwen import load_tokenizer
-    from streamtrain.tasks import model_types
-    from streamtrain.tasks.vlm_qa import qa_decoder
+    from streamtrain.config.models import MODEL_TYPES
+    from streamtrain.tasks.vlm_qa import VLMTask
 
     directory = Path(directory)
     meta = read_export(directory, "vlm")
-    target = torch.device(device) if device is not None else default_device()
-    config = build_config(meta["config"], model_types(), source=str(directory / EXPORT_FILE))
-    tokenizer = load_tokenizer(str(directory / "decoder"))
-    decoder = AutoModelForCausalLM.from_pretrained(directory / "decoder")
-    vision = build_vision(meta["vision"], load_file(directory / "vision.safetensors"))
-    model = VisionLanguageModel(
-        vision=vision,
-        decoder=decoder,
-        stop_token_ids=[tokenizer.eos_token_id],
-        pad_token_id=tokenizer.pad_token_id,
-        vision_tokens=meta["vision_tokens"],
-        projector_hidden_dim=meta["projector_hidden_dim"],
-    )
+    raw = dict(meta["config"])
+    raw["model"] = {
+        **raw["model"],
+        "encoder_checkpoint": str(directory / "encoder"),
+        "decoder": str(directory / "decoder"),
+        "tokenizer": None,
+        "mode": "full",  # a plain model: nothing quantized, no adapters
+        "base_dtype": "auto",
+        "gradient_checkpointing": False,
+    }
+    config = build_config(raw, MODEL_TYPES, source=str(directory / EXPORT_FILE))
+    task = VLMTask(config)
+    set_seed(config.train.seed)
+    model = task.build_model()
     model.load_state_dict(load_file(directory / "projector.safetensors"), strict=False)
-    model.to(target).eval()
-    decode = qa_decoder(tokenizer, config.data, train=False)
-
-    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-        from streamtrain.data.collate import collate_vlm
-
-        return collate_vlm(samples, tokenizer.pad_token_id)
-
-    return VisionQA(model, tokenizer, decode, collate, int(meta["max_new_tokens"]), target)
+    target = torch.device(device) if device is not None else default_device()
+    task.place_model(model, target)
+    return VisionQA(task, model.eval(), config.model.max_new_tokens, target)
 
 
 def vlm_from_checkpoint(source: str | Path) -> VisionQA:
@@ -107,9 +101,7 @@ def vlm_from_checkpoint(source: str | Path) -> VisionQA:
     model = load_trained_model(task, directory)
     device = default_device()
     task.place_model(model, device)
-    return VisionQA(
-        model, task.tokenizer, task.decoder(train=False), task.collate, config.model.max_new_tokens, device
-    )
+    return VisionQA(task, model, config.model.max_new_tokens, device)
 
 
 def ask(
@@ -141,7 +133,7 @@ def _image_bytes(path: str) -> bytes:
 
 
 def _raw_sample(index: int, image: ImageInput, question: str) -> dict[str, Any]:
-    """A held-out sample as a shard would hold it: the image and a question with no answer yet."""
+    """A held-out sample as a shard holds one: the image and a question with no answer yet."""
     if isinstance(image, Image.Image):
         buffer = io.BytesIO()
         image.save(buffer, "PNG")  # lossless: decodes to the same pixels
@@ -150,8 +142,5 @@ def _raw_sample(index: int, image: ImageInput, question: str) -> dict[str, Any]:
         data = image
     else:
         data = Path(image).read_bytes()
-    return {
-        "__key__": f"ask-{index}",
-        "png": data,
-        "json": json.dumps({"question": question, "answer": ""}).encode(),
-    }
+    text = json.dumps({"question": question, "answer": ""}).encode()
+    return {"__key__": f"ask-{index}", "png": data, "json": text}

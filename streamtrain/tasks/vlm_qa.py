@@ -21,7 +21,7 @@ from accelerate import PartialState
 from safetensors.torch import save_file
 from torch import nn
 
-from streamtrain.config import DataConfig, RunConfig
+from streamtrain.config import RunConfig
 from streamtrain.config.models import VLMModelConfig
 from streamtrain.data.collate import IGNORE_INDEX, collate_vlm
 from streamtrain.data.decoders import QADecoder
@@ -101,32 +101,6 @@ def load_aligned_vision(directory: Path) -> tuple[VisionEncoder, dict[str, Any]]
     return encoder, saved.get("data") or {}
 
 
-def qa_decoder(tokenizer: Any, data: DataConfig, train: bool, on_device: bool = False) -> QADecoder:
-    """The per-sample decoder of QA samples: the image, the question framed by the tokenizer's
-    chat template, the answer. Training, evaluation and ``streamtrain ask`` all prompt through it."""
-    return QADecoder(
-        tokenizer,
-        image_size=data.image_size,
-        train=train,
-        max_question_tokens=data.max_question_tokens,
-        max_answer_tokens=data.max_answer_tokens,
-        horizontal_flip=data.horizontal_flip,
-        prompt_ids=chat_prompt_ids(tokenizer),
-        on_device=on_device,
-    )
-
-
-def answer_texts(tokenizer: Any, token_rows: torch.Tensor) -> list[str]:
-    """Answer texts of generated or label rows: the tokens before the end token, -100 dropped."""
-    eos = tokenizer.eos_token_id
-    texts = []
-    for row in token_rows.tolist():
-        ids = [token for token in row if token != IGNORE_INDEX]
-        ids = ids[: ids.index(eos)] if eos in ids else ids
-        texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
-    return texts
-
-
 class VLMTask(Task):
     """Visual question answering on a frozen aligned encoder with a (Q)LoRA or fully trained decoder."""
 
@@ -200,7 +174,17 @@ class VLMTask(Task):
         return True
 
     def decoder(self, train: bool, on_device: bool = False) -> QADecoder:
-        return qa_decoder(self.tokenizer, self.config.data, train, on_device)
+        data = self.config.data
+        return QADecoder(
+            self.tokenizer,
+            image_size=data.image_size,
+            train=train,
+            max_question_tokens=data.max_question_tokens,
+            max_answer_tokens=data.max_answer_tokens,
+            horizontal_flip=data.horizontal_flip,
+            prompt_ids=self.prompt_ids,
+            on_device=on_device,
+        )
 
     def collate(self, samples: list[Any]) -> dict[str, Any]:
         return collate_vlm(samples, self.tokenizer.pad_token_id)
@@ -243,7 +227,13 @@ class VLMTask(Task):
 
     def answers(self, token_rows: torch.Tensor) -> list[str]:
         """Answer texts of generated or label rows: the tokens before the end token, -100 dropped."""
-        return answer_texts(self.tokenizer, token_rows)
+        eos = self.tokenizer.eos_token_id
+        texts = []
+        for row in token_rows.tolist():
+            ids = [token for token in row if token != IGNORE_INDEX]
+            ids = ids[: ids.index(eos)] if eos in ids else ids
+            texts.append(self.tokenizer.decode(ids, skip_special_tokens=True).strip())
+        return texts
 
     def _questions(self, batch: dict[str, Any]) -> list[str]:
         before, after = len(self.prompt_ids[0]), len(self.prompt_ids[1])
