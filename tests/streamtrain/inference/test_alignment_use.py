@@ -14,10 +14,11 @@ from PIL import Image
 
 from shardify.format import MANIFEST_NAME
 from shardify.tarread import iter_samples
-from streamtrain import cli, load_encoder
+from streamtrain import cli, load_encoder, load_vlm
 from streamtrain.config import load_config
 from streamtrain.data.images import ImageTransform
 from streamtrain.data.transforms import decode_image
+from streamtrain.errors import UserError
 from streamtrain.inference.evaluate import evaluate_checkpoint
 from streamtrain.inference.export import export
 from streamtrain.metrics import retrieval_metrics
@@ -121,6 +122,8 @@ def test_exported_encoder_embeds_as_the_trained_model_and_recalls_as_eval(
             assert recalls[f"{direction}/R@1/dim{dim}"] == run["final"][f"{direction}/R@1/dim{dim}"]
     with pytest.raises(ValueError, match="dim 64"):
         encoder.embed_texts(["a thin handwritten one"], dim=64)
+    with pytest.raises(UserError, match=r"load it with streamtrain\.load_encoder"):
+        load_vlm(exported)  # an export of the other phase
 
 
 def test_user_mistakes_are_one_line_and_exit_2(
