@@ -3,6 +3,7 @@
 #   ./launch.sh alignment [key=value ...]      alignment pre-training (configs/alignment.yaml)
 #   ./launch.sh vlm [key=value ...]            VLM QA fine-tuning (configs/vlm_qa.yaml), after alignment
 #   ./launch.sh train CONFIG [key=value ...]   train any recipe
+#   ./launch.sh ask RUN --image PATH QUESTION   ask a trained VLM (streamtrain ask), e.g. after ./launch.sh vlm
 #   ./launch.sh sample          convert the bundled Pixmo-shaped samples into shards under runs/sample/
 #   ./launch.sh test [ARGS]     run the test suite (pytest ARGS)
 #   ./launch.sh faults [ARGS]   the fault-injection suite at full trial counts; prints its report table
@@ -165,11 +166,15 @@ case "$cmd" in
     setup_env
     exec "$VENV/bin/shardify" "$@"
     ;;
+  ask)
+    setup_env
+    exec "$VENV/bin/streamtrain" ask "$@"
+    ;;
   help|-h|--help)
-    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
     ;;
   *)
-    echo "launch.sh: unknown command '$cmd' (try: alignment, vlm, train, sample, test, faults, shardify, setup)" >&2
+    echo "launch.sh: unknown command '$cmd' (try: alignment, vlm, train, ask, sample, test, faults, shardify, setup)" >&2
     exit 2
     ;;
 esac

@@ -10,6 +10,8 @@ from typing import TextIO
 
 from tqdm import tqdm
 
+from shardify import show, stats
+from shardify.bytestream import ShardReadError
 from shardify.checks import DEFAULT_MAX_IMAGE_PIXELS
 from shardify.conversations import TEMPLATES
 from shardify.convert import (
@@ -25,6 +27,7 @@ from shardify.format import SCHEMAS
 from shardify.groups import GROUP_KEYS
 from shardify.index_cli import EXIT_FAILURE, EXIT_USER_ERROR, add_index_parser, index_main
 from shardify.options import DEFAULT_UNIT_BYTES, ENGINES
+from shardify.peek import LookError
 from shardify.sources import FIELDS, InputError, parse_column_specs
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
@@ -103,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the folder (or s3:// prefix) the inputs' image paths are relative to",
     )
     add_index_parser(commands)
+    show.add_parser(commands)
+    stats.add_parser(commands)
     return parser
 
 
@@ -240,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "index":
         return index_main(args)
+    if args.command in ("show", "stats"):
+        try:
+            return (show if args.command == "show" else stats).main(args)
+        except (LookError, OSError, ShardReadError) as exc:
+            print(f"shardify: error: {exc}", file=sys.stderr)
+            return EXIT_USER_ERROR
     progress = _ProgressBar(enabled=not args.quiet and sys.stderr.isatty())
     try:
         options = ConvertOptions(

@@ -1,15 +1,23 @@
-"""``streamtrain``: train a phase from a YAML recipe.
+"""``streamtrain``: train a phase from a YAML recipe, and use what it trained.
 
 streamtrain train CONFIG [key=value ...]     train (continues the newest checkpoint by default)
 streamtrain config CONFIG [key=value ...]    print the resolved, validated config and exit
+streamtrain eval CONFIG [key=value ...] [--checkpoint PATH] [--json]   held-out metrics of a checkpoint
+streamtrain export RUN_OR_CHECKPOINT --output DIR                     encoder / merged VLM for other code
+streamtrain ask RUN_OR_EXPORT --image PATH [--image ...] QUESTION     a VLM's answer about images
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from streamtrain.config import RunConfig
 
 EPILOG = """\
 Overrides use dotted keys and YAML values, e.g.
@@ -24,6 +32,30 @@ Exit status: 0 done, 2 bad config or input (or output_dir in use by another run)
 during training, 143 / 130 stopped by SIGTERM / SIGINT after writing a checkpoint.
 """
 
+EVAL_EPILOG = """\
+The held-out set is the config's data.eval; another one is an override:
+  streamtrain eval configs/alignment.yaml data.eval=runs/sample/digits_caption/eval \\
+      --checkpoint runs/alignment/step-00000100
+The checkpoint must be of the model the config describes (a run's own config is saved as
+CHECKPOINT/config.yaml). Exit status: 0 done, 2 a bad config, path or checkpoint.
+"""
+EXPORT_HELP = """\
+Write a checkpoint's model for use outside streamtrain, with its config as JSON.
+  alignment: the encoders, projectors, Matryoshka dims and eval image transform, in safetensors
+             + JSON; load with streamtrain.load_encoder(DIR).embed_images(...) / .embed_texts(...)
+  vlm_qa:    DIR/decoder, the decoder with its adapters merged (save_pretrained, tokenizer beside
+             it: AutoModelForCausalLM.from_pretrained(DIR/decoder) loads it), the vision encoder and
+             the projector; load with streamtrain.load_vlm(DIR), or ask it: streamtrain ask DIR ...
+Exit status: 0 done, 2 no checkpoint there, an unusable output folder.
+"""
+ASK_HELP = """\
+Generate a trained VLM's answer (greedy) to QUESTION about each --image, on the GPU where there
+is one, prompted exactly as in training and evaluation. With one image the answer is printed
+alone; with several, one line per image: PATH: ANSWER.
+  streamtrain ask runs/vlm_qa --image digit.png "What digit is written here?"
+Exit status: 0 done, 2 no VLM checkpoint or export there, an image that does not decode.
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -36,16 +68,47 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("train", "train the phase a recipe describes"),
         ("config", "print the resolved config and exit"),
+        ("eval", "held-out metrics of a checkpoint (the numbers its run logged at that step)"),
     ):
         command = commands.add_parser(
             name,
             help=text,
             description=text,
-            epilog=EPILOG,
+            epilog=EPILOG if name != "eval" else EVAL_EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         command.add_argument("config", metavar="CONFIG", help="YAML recipe, e.g. configs/alignment.yaml")
         command.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+        if name == "eval":
+            command.add_argument(
+                "--checkpoint",
+                metavar="PATH",
+                help="a step folder, best/ or a run folder (its best/, else its newest step); "
+                "default: the config's output_dir",
+            )
+            command.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    export = commands.add_parser(
+        "export",
+        help="write a checkpoint's model for use outside streamtrain",
+        description=EXPORT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    export.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="a run folder, step folder or best/")
+    export.add_argument("--output", "-o", required=True, metavar="DIR", help="the export folder to write")
+    ask = commands.add_parser(
+        "ask",
+        help="ask a trained VLM a question about images",
+        description=ASK_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ask.add_argument("source", metavar="RUN_OR_EXPORT", help="a VLM run folder, checkpoint or export")
+    ask.add_argument("question", metavar="QUESTION")
+    ask.add_argument(
+        "--image", action="append", required=True, metavar="PATH", help="an image file (repeatable)"
+    )
+    ask.add_argument(
+        "--max-new-tokens", type=int, default=None, metavar="N", help="longest answer (default: the run's)"
+    )
     return parser
 
 
@@ -83,12 +146,15 @@ def main(argv: list[str] | None = None) -> int:
     from streamtrain.config import ConfigError, load_config
     from streamtrain.config.models import MODEL_TYPES
 
-    try:
-        config = load_config(args.config, args.overrides, MODEL_TYPES)
-    except ConfigError as exc:
-        print(f"streamtrain: {exc}", file=sys.stderr)
-        return 2
+    config: RunConfig | None = None
+    if args.command in ("train", "config", "eval"):
+        try:
+            config = load_config(args.config, args.overrides, MODEL_TYPES)
+        except ConfigError as exc:
+            print(f"streamtrain: {exc}", file=sys.stderr)
+            return 2
     if args.command == "config":
+        assert config is not None
         print(config.to_yaml(), end="")
         return 0
     from streamtrain import console
@@ -96,13 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     console.quiet_third_party()
 
     from streamtrain.errors import TrainingError, UserError
-    from streamtrain.tasks import TASKS
     from streamtrain.train.stopping import Stopped
-    from streamtrain.train.trainer import Trainer
 
     console.adopt_library_loggers()
     try:
-        Trainer(config, TASKS[config.task](config)).fit()
+        return _run(args, config)
     except ConfigError as exc:
         print(f"streamtrain: {exc}", file=sys.stderr)
         return 2
@@ -110,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"streamtrain: {exc}", file=sys.stderr)
         return exc.exit_status
-    except UserError as exc:  # config, paths, input data, the checkpoint to resume
+    except UserError as exc:  # config, paths, input data, the checkpoint to resume or use
         print(f"streamtrain: error: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:  # e.g. the disk filled up during a checkpoint write
@@ -122,6 +186,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("streamtrain: interrupted", file=sys.stderr)
         return 130
+
+
+def _run(args: argparse.Namespace, config: RunConfig | None) -> int:
+    """The command, past the config check and the quieting of third-party notices."""
+    if args.command == "export":
+        from streamtrain.inference.export import export
+
+        print(f"streamtrain: wrote {export(args.source, Path(args.output))}")
+        return 0
+    if args.command == "ask":
+        from streamtrain.inference.vlm import ask
+
+        answers = ask(args.source, args.image, args.question, args.max_new_tokens)
+        for path, answer in zip(args.image, answers, strict=True):
+            print(answer if len(answers) == 1 else f"{path}: {answer}")
+        return 0
+    assert config is not None
+    if args.command == "eval":
+        from streamtrain.inference.evaluate import evaluate_checkpoint
+
+        report = evaluate_checkpoint(config, args.checkpoint)
+        if os.environ.get("RANK", "0") == "0":
+            print(json.dumps(report.to_dict(), indent=2) if args.json else report.table())
+        return 0
+    from streamtrain.tasks import TASKS
+    from streamtrain.train.trainer import Trainer
+
+    Trainer(config, TASKS[config.task](config)).fit()
     return 0
 
 

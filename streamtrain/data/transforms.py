@@ -64,6 +64,14 @@ def decode_image(data: bytes, target_size: int | None = None) -> Image.Image:
     return _to_rgb(image)
 
 
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """An opened image as ``decode_image`` gives it: EXIF orientation applied, converted to RGB."""
+    image = image.copy()
+    with contextlib.suppress(*EXIF_ERRORS):
+        ImageOps.exif_transpose(image, in_place=True)
+    return _to_rgb(image)
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image

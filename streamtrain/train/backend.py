@@ -55,6 +55,11 @@ class Backend:
         self.model, optimizer, scheduler = self.accelerator.prepare(model, optimizer, scheduler, **placement)
         return self.model, optimizer, scheduler
 
+    def prepare_for_eval(self, model: nn.Module, placed: bool) -> nn.Module:
+        """Wrap for evaluation only (no DDP, no optimizer): autocast and device as in training."""
+        self.model = self.accelerator.prepare_model(model, device_placement=not placed, evaluation_mode=True)
+        return self.model
+
     def unwrapped(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
 

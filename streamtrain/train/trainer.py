@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +24,14 @@ from streamtrain import console
 from streamtrain.config import RunConfig
 from streamtrain.data.dataset import Dataset
 from streamtrain.data.loader import ElasticLoader
-from streamtrain.data.pipeline import decode_device, held_out_batches, resolve_sources, train_loader
-from streamtrain.distributed import all_reduce_sum
+from streamtrain.data.pipeline import decode_device, resolve_sources, train_loader
 from streamtrain.errors import TrainingError, UserError
 from streamtrain.train import stopping
 from streamtrain.train.backend import Backend
 from streamtrain.train.checkpoint import CONFIG_FILE
 from streamtrain.train.checkpoint_manager import CheckpointManager
 from streamtrain.train.claim import OutputClaim, claim_output
+from streamtrain.train.evaluation import evaluate_sources, held_out
 from streamtrain.train.optim import build_optimizer, build_scheduler
 from streamtrain.train.task import Decode, Task
 from streamtrain.train.tracking import JsonlTracker, StepWindow
@@ -279,46 +277,26 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         """Held-out metrics of all of ``data.eval``, and of each of its named sources apart."""
         assert self.eval_data is not None
-        metrics = self._held_out(self.eval_data)
+        metrics, logged, summary = evaluate_sources(self.eval_data, self._held_out, self.task.summary)
         self.last_eval = metrics
-        summary = self.task.summary(metrics)  # before the sources' passes: it may quote this one's answers
-        logged = {key if "/" in key else f"eval/{key}": value for key, value in metrics.items()}
-        if self.eval_data.named and len(self.eval_data.sources) > 1:
-            for source in self.eval_data.sources:
-                part = self._held_out(Dataset((source,), self.eval_data.schema))
-                logged.update(
-                    {f"eval/{source.name}/{key.removeprefix('eval/')}": v for key, v in part.items()}
-                )
         self._log(logged)
         self._print(f"step {self.step}: {summary}")
         self.checkpoints.update_best(self.step, metrics)
         return metrics
 
     def _held_out(self, dataset: Dataset) -> dict[str, float]:
-        acc, read_stats = self.backend.accelerator, Counter[str]()
-        held_out = held_out_batches(
-            self.config.data,
-            self.config.eval,
+        acc = self.backend.accelerator
+        return held_out(
+            self.config,
+            self.task,
+            self.model,
             dataset,
             rank=acc.process_index,
             world_size=acc.num_processes,
             decode=self._decoder(train=False),
-            collate=self.task.collate,
+            to_device=self.backend.to_device,
             decode_device=self.decode_on,
         )
-
-        def batches() -> Iterator[dict[str, Any]]:
-            for batch, stats in held_out:
-                read_stats.update(stats)
-                if batch is not None:
-                    yield self.backend.to_device(batch)
-
-        self.model.eval()
-        with torch.no_grad():
-            metrics = self.task.evaluate(self.model, batches())
-        self.model.train()
-        skipped = all_reduce_sum({k: float(v) for k, v in read_stats.items() if k != "samples"})
-        return {**metrics, **{f"eval/data/{k}": v for k, v in skipped.items()}}
 
     # -- state ---------------------------------------------------------------------------------
 
