@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -126,6 +127,9 @@ class RayCluster:
         self.head: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
         self.monitor: subprocess.Popen | None = None
+        # Ray's sockets live under its temp dir and a unix socket path holds at most 107 bytes:
+        # under pytest's basetemp (/tmp/pytest-of-root/pytest-123/...) a node fails to start.
+        self.temp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
 
     def _node(self, args: list[str], log: str, setup: str | None = None) -> subprocess.Popen:
         command = [RAY, "start", "--block", f"--num-cpus={self.cpus}", "--disable-usage-stats", *args]
@@ -136,7 +140,7 @@ class RayCluster:
             return self.namespace.popen(command, NODE_ENVIRONMENT, stdout=handle, stderr=subprocess.STDOUT)
 
     def start_head(self) -> None:
-        temp = self.workdir / "ray-temp"
+        temp = self.temp / "t"
         shutil.rmtree(temp, ignore_errors=True)
         self.head = self._node(
             [
@@ -185,6 +189,8 @@ class RayCluster:
         while time.monotonic() < deadline:
             if self.head is not None and self.head.poll() is not None:
                 raise RuntimeError(f"the Ray head exited; see {self.workdir / 'head.log'}")
+            if any(worker.poll() is not None for worker in self.workers):
+                raise RuntimeError(f"a Ray worker node exited; see {self.workdir / 'worker.log'}")
             if self.alive_nodes() == count:
                 return
             time.sleep(0.2)
@@ -211,3 +217,4 @@ class RayCluster:
             kill_session(node.pid)
             node.wait()
         self.workers, self.head, self.monitor = [], None, None
+        shutil.rmtree(self.temp, ignore_errors=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -95,9 +94,12 @@ def watch_launcher() -> None:
             time.sleep(_WATCH_INTERVAL_S)
         # Re-parented: the launcher is gone and nobody will collect this rank's result. Exit at
         # once, without cleanup that could write: the newest complete checkpoint stays the resume point.
-        sys.stderr.write(f"streamtrain: the launcher (pid {launcher}) is gone; rank exits\n")
-        sys.stderr.flush()
-        os._exit(1)
+        try:  # stderr may be a pipe nobody reads any more (its reader died with the launcher)
+            os.write(2, f"streamtrain: the launcher (pid {launcher}) is gone; rank exits\n".encode())
+        except OSError:
+            pass
+        finally:
+            os._exit(1)
 
     threading.Thread(target=watch, name="streamtrain-launcher-watch", daemon=True).start()
 
