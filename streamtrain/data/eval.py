@@ -4,6 +4,12 @@ Unlike training, evaluation must neither drop nor repeat samples to equalise ran
 split is by contiguous sample ranges of the shards in manifest order: rank r of W takes
 ``[N*r/W, N*(r+1)/W)`` and divides it the same way among its workers. Ranks may therefore hold
 batch counts that differ by one; callers gather variable-sized results (see streamtrain.distributed).
+
+A run evaluates many times, so its loader workers are forked once, when the reader is made at
+setup, and told through shared memory which part of the set each pass reads. Forking a training
+process again at every evaluation would fork it while its threads run (the step ring, checkpoint
+writers, queue feeders): CPython 3.11 before 3.11.8 can leave such a child deadlocked in its
+after-fork code when another thread was ending at that moment (gh-112275), and the run hangs.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import random
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from multiprocessing.sharedctypes import RawValue
 from typing import Any
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -22,6 +29,7 @@ from shardify.bytestream import RateLimitedLog, ReadStats, RetryPolicy, ShardRea
 from shardify.tarread import DEFAULT_MAX_MEMBER_BYTES, iter_samples
 from streamtrain.data.counts import Collate, Decode, count_reads, decode_samples
 from streamtrain.data.dataset import Dataset, ShardInfo
+from streamtrain.data.device_decode import finish_batch
 from streamtrain.data.loader import leave_stop_signals_to_the_rank, stop_workers
 
 log = logging.getLogger(__name__)
@@ -33,12 +41,25 @@ def _share(total: int, parts: int, index: int) -> tuple[int, int]:
     return total * index // parts, total * (index + 1) // parts
 
 
+def eval_parts(dataset: Dataset) -> dict[str | None, Dataset]:
+    """What one evaluation reads: all of ``dataset`` (key None) and, when it is written as several
+    named sources, each source apart (key: its name)."""
+    parts: dict[str | None, Dataset] = {None: dataset}
+    if dataset.named and len(dataset.sources) > 1:
+        parts.update({source.name: Dataset((source,), dataset.schema) for source in dataset.sources})
+    return parts
+
+
 class EvalStream(IterableDataset):
-    """This rank's share of a held-out set as ``(batch, read_stats)`` pairs, in manifest order."""
+    """This rank's share of a held-out set as ``(batch, read_stats)`` pairs, in manifest order.
+
+    Given several datasets, a pass reads the one ``choose`` named last (the first by default);
+    the choice lives in shared memory, so workers forked once follow it from pass to pass.
+    """
 
     def __init__(
         self,
-        dataset: Dataset,
+        datasets: Dataset | Sequence[Dataset],
         rank: int,
         world_size: int,
         batch_size: int,
@@ -48,22 +69,31 @@ class EvalStream(IterableDataset):
         retry: RetryPolicy | None = None,
         max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     ) -> None:
-        self.dataset = dataset
+        self.datasets = [datasets] if isinstance(datasets, Dataset) else list(datasets)
         self.max_member_bytes = max_member_bytes
         self.rank = rank
         self.world_size = world_size
         self.batch_size = batch_size
         self.decode = decode
         self.collate = collate
-        self.total = dataset.samples if max_samples is None else min(max_samples, dataset.samples)
+        self.totals = [min(max_samples or d.samples, d.samples) for d in self.datasets]
         self.retry = retry
+        self._chosen = RawValue("i", 0)
+
+    def choose(self, index: int) -> None:
+        """Which dataset the next pass reads; -1: none (the pass is empty)."""
+        self._chosen.value = index
 
     def __iter__(self) -> Iterator[tuple[Any, dict[str, int]]]:
+        chosen = self._chosen.value
+        if chosen < 0:
+            return
+        dataset, total = self.datasets[chosen], self.totals[chosen]
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        rank_lo, rank_hi = _share(self.total, self.world_size, self.rank)
+        rank_lo, rank_hi = _share(total, self.world_size, self.rank)
         lo, hi = _share(rank_hi - rank_lo, workers, worker)
-        shards = list(self.dataset.shards)
+        shards = list(dataset.shards)
         pieces = slice_shards(shards, rank_lo + lo, rank_lo + hi)
         rng = random.Random(0)  # eval decoders draw nothing, but the decoder contract takes one
         warnings = RateLimitedLog(log, WARN_EVERY_S)
@@ -105,17 +135,51 @@ class EvalStream(IterableDataset):
             yield None, dict(stats)
 
 
-def eval_batches(stream: EvalStream, num_workers: int) -> Iterator[tuple[Any, dict[str, int]]]:
-    """Iterate ``stream`` with ``num_workers`` loader processes (batches in any order)."""
-    workers = max(0, min(num_workers, stream.total // max(1, stream.world_size)))
-    loader = DataLoader(
-        stream, batch_size=None, num_workers=workers, worker_init_fn=leave_stop_signals_to_the_rank
-    )
-    iterator = iter(loader)
-    try:
-        yield from iterator
-    finally:
-        stop_workers(iterator)
+class EvalReader:
+    """Passes over the parts of a held-out set (see ``eval_parts``) through loader workers forked
+    once, when the reader is made; batches the workers left undecoded are decoded on
+    ``decode_device`` (None: the CPU). ``close`` stops the workers."""
+
+    def __init__(
+        self, stream: EvalStream, num_workers: int, keys: Sequence[str | None], decode_device: Any = None
+    ) -> None:
+        self.stream = stream
+        self.keys = list(keys)
+        self.decode_device = decode_device
+        workers = max(0, min(num_workers, stream.totals[0] // max(1, stream.world_size)))
+        self.loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            worker_init_fn=leave_stop_signals_to_the_rank,
+        )
+        self._iterator: Any = None
+        if workers:
+            stream.choose(-1)  # the workers start now, on an empty pass, and wait for the first
+            self._iterator = iter(self.loader)
+
+    def batches(self, part: str | None = None) -> Iterator[tuple[Any, dict[str, int]]]:
+        """One pass over ``part`` (None: the whole set) as ``(batch or None, read counts)`` pairs."""
+        if self.loader.num_workers and self._iterator is None:
+            raise RuntimeError("the held-out reader is closed")
+        self.stream.choose(self.keys.index(part))
+        for batch, counts in iter(self.loader):  # persistent workers: the same ones, reset
+            if batch is not None:
+                batch, more = finish_batch(batch, self.decode_device or "cpu")
+                counts = dict(Counter(counts) + Counter(more)) if more else counts
+            yield batch, counts
+
+    def close(self) -> None:
+        if self._iterator is not None:
+            stop_workers(self._iterator)
+            self._iterator = None
+
+    def __enter__(self) -> EvalReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)

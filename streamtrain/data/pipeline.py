@@ -19,9 +19,8 @@ from streamtrain.config.sections import cache_limit_bytes
 from streamtrain.config.weights import schedule
 from streamtrain.data.counts import Collate, Decode
 from streamtrain.data.dataset import Dataset, Source
-from streamtrain.data.device_decode import finish_batch
 from streamtrain.data.elastic import ElasticStream, Layout, StreamConfig
-from streamtrain.data.eval import EvalStream, eval_batches
+from streamtrain.data.eval import EvalReader, EvalStream, eval_parts
 from streamtrain.data.loader import ElasticLoader
 from streamtrain.data.remote import RemoteReads
 from streamtrain.data.sample_log import SampleLog
@@ -99,6 +98,35 @@ def train_loader(
     )
 
 
+def held_out_reader(
+    data: DataConfig,
+    settings: EvalConfig,
+    dataset: Dataset,
+    *,
+    rank: int,
+    world_size: int,
+    decode: Decode,
+    collate: Collate,
+    decode_device: torch.device | None = None,
+) -> EvalReader:
+    """This rank's reader of ``dataset`` and its named parts (``eval_parts``), its loader workers
+    started now; images the decoder left undecoded are decoded on ``decode_device`` (default: the
+    CPU). Close it when the run ends."""
+    parts = eval_parts(dataset)
+    stream = EvalStream(
+        list(parts.values()),
+        rank,
+        world_size,
+        settings.batch_size,
+        decode,
+        collate,
+        max_samples=settings.max_samples,
+        retry=retry_policy(data),
+        max_member_bytes=_member_bytes(data),
+    )
+    return EvalReader(stream, data.num_workers, list(parts), decode_device)
+
+
 def held_out_batches(
     data: DataConfig,
     settings: EvalConfig,
@@ -110,24 +138,11 @@ def held_out_batches(
     collate: Collate,
     decode_device: torch.device | None = None,
 ) -> Iterator[tuple[Any, dict[str, int]]]:
-    """One pass over this rank's share of ``dataset`` as ``(batch or None, read counts)`` pairs;
-    images the decoder left undecoded are decoded on ``decode_device`` (default: the CPU)."""
-    stream = EvalStream(
-        dataset,
-        rank,
-        world_size,
-        settings.batch_size,
-        decode,
-        collate,
-        max_samples=settings.max_samples,
-        retry=retry_policy(data),
-        max_member_bytes=_member_bytes(data),
-    )
-    for batch, counts in eval_batches(stream, data.num_workers):
-        if batch is not None:
-            batch, more = finish_batch(batch, decode_device or torch.device("cpu"))
-            counts = dict(Counter(counts) + Counter(more)) if more else counts
-        yield batch, counts
+    """One pass over this rank's share of all of ``dataset`` as ``(batch or None, read counts)``
+    pairs, through a reader of its own."""
+    options = {"rank": rank, "world_size": world_size, "decode": decode, "collate": collate}
+    with held_out_reader(data, settings, dataset, decode_device=decode_device, **options) as reader:
+        yield from reader.batches()
 
 
 def decode_device(data: DataConfig, device: torch.device, dataset: Dataset) -> torch.device | None:

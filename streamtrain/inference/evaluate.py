@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streamtrain.config import RunConfig
-from streamtrain.data.pipeline import decode_device, resolve_sources
+from streamtrain.data.pipeline import decode_device, held_out_reader, resolve_sources
 from streamtrain.errors import UserError
 from streamtrain.inference.saved import (
     build_task,
@@ -62,19 +62,18 @@ def evaluate_checkpoint(config: RunConfig, checkpoint_path: str | None = None) -
     decode_on = decode_device(config.data, backend.device, eval_data)
     decode = task.decoder(train=False) if decode_on is None else task.decoder(train=False, on_device=True)
     acc = backend.accelerator
-
-    def evaluate(dataset):
-        return held_out(
-            config,
-            task,
-            model,
-            dataset,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
-            decode=decode,
-            to_device=backend.to_device,
-            decode_device=decode_on,
+    reader = held_out_reader(
+        config.data,
+        config.eval,
+        eval_data,
+        rank=acc.process_index,
+        world_size=acc.num_processes,
+        decode=decode,
+        collate=task.collate,
+        decode_device=decode_on,
+    )
+    with reader:
+        _, logged, summary = evaluate_sources(
+            eval_data, lambda part: held_out(task, model, reader, part, backend.to_device), task.summary
         )
-
-    _, logged, summary = evaluate_sources(eval_data, evaluate, task.summary)
     return EvalReport(directory, saved_step(directory), logged, summary)

@@ -13,42 +13,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from streamtrain.config import RunConfig
 from streamtrain.data.dataset import Dataset
-from streamtrain.data.pipeline import held_out_batches
+from streamtrain.data.eval import EvalReader, eval_parts
 from streamtrain.distributed import all_reduce_sum
-from streamtrain.train.task import Decode, Task
+from streamtrain.train.task import Task
 
 ToDevice = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 def held_out(
-    config: RunConfig,
-    task: Task,
-    model: nn.Module,
-    dataset: Dataset,
-    *,
-    rank: int,
-    world_size: int,
-    decode: Decode,
-    to_device: ToDevice,
-    decode_device: torch.device | None,
+    task: Task, model: nn.Module, reader: EvalReader, part: str | None, to_device: ToDevice
 ) -> dict[str, float]:
-    """The task's metrics over all of ``dataset``, plus the read-time counts (``eval/data/...``)."""
+    """The task's metrics over ``part`` of the held-out set (None: all of it), plus the read-time
+    counts (``eval/data/...``)."""
     read_stats = Counter[str]()
-    batches_read = held_out_batches(
-        config.data,
-        config.eval,
-        dataset,
-        rank=rank,
-        world_size=world_size,
-        decode=decode,
-        collate=task.collate,
-        decode_device=decode_device,
-    )
 
     def batches() -> Iterator[dict[str, Any]]:
-        for batch, stats in batches_read:
+        for batch, stats in reader.batches(part):
             read_stats.update(stats)
             if batch is not None:
                 yield to_device(batch)
@@ -63,17 +44,18 @@ def held_out(
 
 
 def evaluate_sources(
-    dataset: Dataset, evaluate: Callable[[Dataset], dict[str, float]], summarize: Callable[[dict], str]
+    dataset: Dataset, evaluate: Callable[[str | None], dict[str, float]], summarize: Callable[[dict], str]
 ) -> tuple[dict[str, float], dict[str, float], str]:
-    """``(metrics of the whole set, what is logged, its summary line)``: the logged names carry
-    ``eval/`` and, when ``data.eval`` names several sources, each source's metrics apart
-    (``eval/NAME/...``). The summary is made before the sources' passes, since it may quote the
-    answers of the pass over the whole set."""
-    metrics = evaluate(dataset)
+    """``(metrics of the whole set, what is logged, its summary line)``; ``evaluate`` is given a
+    part of ``dataset`` (see ``eval_parts``: None for all of it). The logged names carry ``eval/``
+    and, when ``data.eval`` names several sources, each source's metrics apart (``eval/NAME/...``).
+    The summary is made before the sources' passes, since it may quote the answers of the pass
+    over the whole set."""
+    metrics = evaluate(None)
     summary = summarize(metrics)
     logged = {key if "/" in key else f"eval/{key}": value for key, value in metrics.items()}
-    if dataset.named and len(dataset.sources) > 1:
-        for source in dataset.sources:
-            part = evaluate(Dataset((source,), dataset.schema))
-            logged.update({f"eval/{source.name}/{key.removeprefix('eval/')}": v for key, v in part.items()})
+    for name in eval_parts(dataset):
+        if name is not None:
+            part = evaluate(name)
+            logged.update({f"eval/{name}/{key.removeprefix('eval/')}": v for key, v in part.items()})
     return metrics, logged, summary

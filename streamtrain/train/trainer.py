@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from streamtrain import console
 from streamtrain.config import RunConfig
-from streamtrain.data.dataset import Dataset
+from streamtrain.data.eval import EvalReader
 from streamtrain.data.loader import ElasticLoader
-from streamtrain.data.pipeline import decode_device, resolve_sources, train_loader
+from streamtrain.data.pipeline import decode_device, held_out_reader, resolve_sources, train_loader
 from streamtrain.errors import TrainingError, UserError
 from streamtrain.train import stopping
 from streamtrain.train.backend import Backend
@@ -55,6 +55,7 @@ class Trainer:
         """The last batch this rank trained on (see _backward_without_data)."""
         self.stops = stopping.StopRequests()
         self.claim: OutputClaim | None = None
+        self.eval_reader: EvalReader | None = None
         """This job's claim on output_dir (rank 0 only)."""
         chosen = config.checkpoint
         self.checkpoints = CheckpointManager(
@@ -90,6 +91,9 @@ class Trainer:
         optimizer = build_optimizer(model, config.train)
         scheduler = build_scheduler(optimizer, config.train)
         self.model, self.optimizer, self.scheduler = backend.prepare(model, optimizer, scheduler, placed)
+        # Its workers fork now, once (the task's collate needs the built model's tokenizer), before
+        # the training loader's and the checkpoint's threads run.
+        self.eval_reader = self._eval_reader() if self.eval_data is not None else None
         self.train_loader = self._train_loader()
         self.checkpoints.rank_states["data"] = self.train_loader
         if resume_from is not None:
@@ -120,6 +124,20 @@ class Trainer:
             decode_device=self.decode_on,
         )
 
+    def _eval_reader(self) -> EvalReader:
+        assert self.eval_data is not None
+        acc, config = self.backend.accelerator, self.config
+        return held_out_reader(
+            config.data,
+            config.eval,
+            self.eval_data,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            decode=self._decoder(train=False),
+            collate=self.task.collate,
+            decode_device=self.decode_on,
+        )
+
     def _decoder(self, train: bool) -> Decode:
         # Asked for bytes-only samples only when the device decodes: a task written before
         # decode_device (no on_device parameter) keeps working with workers that decode.
@@ -142,6 +160,8 @@ class Trainer:
             return self._loop()
         finally:
             self.stops.uninstall()
+            if self.eval_reader is not None:
+                self.eval_reader.close()
             if self.claim is not None:
                 self.claim.release()
 
@@ -284,19 +304,9 @@ class Trainer:
         self.checkpoints.update_best(self.step, metrics)
         return metrics
 
-    def _held_out(self, dataset: Dataset) -> dict[str, float]:
-        acc = self.backend.accelerator
-        return held_out(
-            self.config,
-            self.task,
-            self.model,
-            dataset,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
-            decode=self._decoder(train=False),
-            to_device=self.backend.to_device,
-            decode_device=self.decode_on,
-        )
+    def _held_out(self, part: str | None) -> dict[str, float]:
+        assert self.eval_reader is not None
+        return held_out(self.task, self.model, self.eval_reader, part, self.backend.to_device)
 
     # -- state ---------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -13,8 +14,14 @@ import pytest
 from shardify import bytestream
 from shardify.bytestream import RetryPolicy
 from shardify.convert import ConvertOptions, convert
-from streamtrain.config import DataConfig, EvalConfig
-from streamtrain.data.pipeline import held_out_batches, resolve_sources, retry_policy, train_loader
+from streamtrain.config import DataConfig, EvalConfig, SourceSpec
+from streamtrain.data.pipeline import (
+    held_out_batches,
+    held_out_reader,
+    resolve_sources,
+    retry_policy,
+    train_loader,
+)
 from tests import factories
 from tests.storage_backends import FailingLocalStorage, registered
 
@@ -97,3 +104,42 @@ def test_held_out_reads_use_the_retry_keys_too(shards: Path, no_sleep: list) -> 
     totals = sum((Counter(stats) for _, stats in results), Counter())
     assert totals["read_retries"] == FAILURES and totals["samples"] == 24
     assert [len(batch) for batch, _ in results] == [5, 5, 5, 5, 4]
+
+
+def id_and_reader(raw: dict[str, Any], rng: random.Random) -> tuple[str, int]:
+    return json.loads(raw["json"])["sample_id"], os.getpid()
+
+
+def test_every_held_out_pass_reads_its_part_through_workers_forked_once(shards: Path, tmp_path: Path) -> None:
+    """A run evaluates many times: its eval workers are forked once, at setup, never mid-run
+    (a fork while training threads run can deadlock the child on CPython < 3.11.8)."""
+    factories.write_parquet(tmp_path / "b.parquet", factories.caption_rows(6, start=100, size=(8, 8)))
+    convert(
+        [str(tmp_path / "b.parquet")], ConvertOptions(output=str(tmp_path / "b"), max_samples_per_shard=4)
+    )
+    dataset = resolve_sources(
+        [SourceSpec(path=str(shards), name="a"), SourceSpec(path=str(tmp_path / "b"), name="b")], "data.eval"
+    )
+    reader = held_out_reader(
+        DataConfig(train="unused", num_workers=2),
+        EvalConfig(batch_size=5),
+        dataset,
+        rank=0,
+        world_size=1,
+        decode=id_and_reader,
+        collate=list,
+    )
+    with reader:
+        workers = {process.pid for process in reader._iterator._workers}
+        assert len(workers) == 2 and os.getpid() not in workers
+        passes = {part: [reader.batches(part) for _ in range(2)] for part in (None, "b", "a")}
+        seen = {
+            part: [[s for b, _ in p if b is not None for s in b] for p in ps] for part, ps in passes.items()
+        }
+    assert sorted(i for i, _ in seen["a"][0]) == [f"img-{n:05d}" for n in range(24)]
+    assert sorted(i for i, _ in seen["b"][0]) == [f"img-{n:05d}" for n in range(100, 106)]
+    assert sorted(i for i, _ in seen[None][0]) == sorted(i for i, _ in seen["a"][0] + seen["b"][0])
+    for runs in seen.values():
+        assert sorted(runs[0]) == sorted(runs[1])  # every pass whole, in the same workers
+        assert {pid for _, pid in runs[0]} == workers
+    assert all(not process.is_alive() for process in reader.loader._iterator._workers)
