@@ -147,7 +147,9 @@ case "$cmd" in
     ;;
   test)
     setup_env
-    exec "$VENV/bin/python" -m pytest "$@"
+    # Two pytest workers (STREAMTRAIN_TEST_WORKERS; 0: none), each given whole files, so a file's
+    # module fixtures (a Ray cluster, a trained run) are made once.
+    exec "$VENV/bin/python" -m pytest -n "${STREAMTRAIN_TEST_WORKERS:-2}" --dist loadfile "$@"
     ;;
   faults)
     setup_env
@@ -155,7 +157,7 @@ case "$cmd" in
     report="runs/faults/report-$(date +%Y%m%d-%H%M%S).jsonl"
     status=0
     STREAMTRAIN_FAULTS=full STREAMTRAIN_FAULT_REPORT="$PWD/$report" \
-      "$VENV/bin/python" -m pytest tests/faults -p no:cacheprovider "$@" || status=$?
+      "$VENV/bin/python" -m pytest tests -m "faults or full" -p no:cacheprovider "$@" || status=$?
     if [[ -s "$report" ]]; then
       "$VENV/bin/python" -m tests.faults.report "$report"
       echo "(records: $report)"

@@ -72,8 +72,15 @@ def get_range(url: str, start: int, stop: int, connections: int = DEFAULT_CONNEC
         data = body.read()
     finally:
         body.close()
-    total = answer.get("ContentRange", "").rpartition("/")[2]
+    span, _, total = answer.get("ContentRange", "").removeprefix("bytes ").partition("/")
     size = int(total) if total.isdigit() else answer.get("ContentLength")
+    first, _, last = span.partition("-")
+    ranged = first.isdigit() and last.isdigit()
+    expected = int(last) - int(first) + 1 if ranged else answer.get("ContentLength")
+    if expected is not None and len(data) != expected:
+        # A body cut short (a connection closed half-way, a proxy that ended it cleanly) must not
+        # read as the object's end: a transient error, so the range is asked again.
+        raise botocore.exceptions.IncompleteReadError(actual_bytes=len(data), expected_bytes=expected)
     return Answer(data, size, answer.get("ETag"))
 
 

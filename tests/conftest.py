@@ -12,6 +12,19 @@ import pytest
 
 from tests.s3server import SeaweedS3
 
+FULL_RUN = os.environ.get("STREAMTRAIN_FAULTS", "") == "full"
+"""Set by ``./launch.sh faults``: tests marked ``full`` (slower variants of a behaviour the normal
+suite covers another way) run only then, so the suite stays within ten minutes on two cores."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if FULL_RUN:
+        return
+    skip = pytest.mark.skip(reason="a slower variant: run by ./launch.sh faults")
+    for item in items:
+        if item.get_closest_marker("full") is not None:
+            item.add_marker(skip)
+
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:

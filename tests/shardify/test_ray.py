@@ -2,6 +2,8 @@
 
 The cluster, the driver and (for S3) a SeaweedFS server run in a private network namespace
 (see tests/raycluster.py); the local-engine references run here. One cluster serves the module.
+The suite runs the two-node conversion, a killed node and a node without the data; the other
+variants (marked ``full``) run under ``./launch.sh faults``.
 """
 
 from __future__ import annotations
@@ -192,6 +194,7 @@ def test_two_nodes_convert_identically_to_the_local_engine(
     assert re.search(r"rows read +960\n", screen) and re.search(r"throughput +[0-9,.]+ rows/s", screen)
 
 
+@pytest.mark.full
 def test_without_an_address_a_ray_of_its_own_is_started(
     cluster: RayCluster, namespace: Namespace, inputs: Path, unit_size: str, tmp_path: Path
 ) -> None:
@@ -245,6 +248,7 @@ def test_a_killed_worker_node_is_survived(
     assert output_files(out) == reference
 
 
+@pytest.mark.full
 def test_a_sigkilled_driver_is_rerun_to_the_same_output_redoing_nothing_done(
     cluster: RayCluster,
     namespace: Namespace,
@@ -280,6 +284,7 @@ def test_a_sigkilled_driver_is_rerun_to_the_same_output_redoing_nothing_done(
         assert (out / name).stat().st_mtime_ns == mtime, f"{name} of a finished unit was written again"
 
 
+@pytest.mark.full
 def test_a_unit_that_keeps_failing_is_reported_and_the_rest_completes(
     cluster: RayCluster,
     namespace: Namespace,
@@ -314,6 +319,7 @@ def test_a_unit_that_keeps_failing_is_reported_and_the_rest_completes(
     _assert_same_conversion(output_files(out), reference, f"{source}/", f"{inputs}/")
 
 
+@pytest.mark.full
 def test_s3_in_and_out_through_the_cluster(
     cluster: RayCluster,
     namespace: Namespace,

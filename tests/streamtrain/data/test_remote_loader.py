@@ -136,7 +136,7 @@ def test_transient_faults_behind_latency_keep_the_steps(
         stats = loader.read_stats
         loader.shutdown()
     clear_filesystem_caches()
-    assert got == expected
+    assert got == expected, stats
     assert stats.get("shard_errors", 0) == 0
     if all(hits == 0 for hits in hit):  # the workers had read ahead past every fault
         pytest.skip("no request met a fault (read ahead of them)")

@@ -126,8 +126,7 @@ def test_resume_on_other_ranks_and_workers_keeps_every_step_then_the_epoch(
     kept, changed = 24, 40
     lives = [  # (ranks, per-device batch, workers, max_steps)
         (2, 8, 2, 100),  # killed after the checkpoint of step 6
-        (1, 16, 1, 12),
-        (2, 8, 3, kept),
+        (1, 16, 3, kept),
         (1, 8, 2, changed),  # global batch 16 -> 8
     ]
     ranks, batch, workers, max_steps = lives[0]

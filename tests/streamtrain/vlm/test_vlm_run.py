@@ -316,6 +316,7 @@ def _json_rows(folder: Path) -> list[dict]:
     return [json.loads(s["json"]) for shard in sorted(folder.glob("*.tar")) for s in iter_samples(str(shard))]
 
 
+@pytest.mark.full  # the suite: packed exact resume above, elastic resume in test_elastic_resume.py
 def test_elastic_resume_of_a_packed_conversation_run_keeps_every_sample_once(
     conversation_shards: dict[str, Path], alignment_checkpoint: Path, tiny_decoder: Path, tmp_path: Path
 ) -> None:
