@@ -129,6 +129,7 @@ def training_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, lis
     return work, shards
 
 
+@pytest.mark.full  # the suite trains open_clip on shardify shards above
 def test_open_clip_training_fails_the_same_way_on_any_shards_with_the_locked_webdataset(
     training_shards,
 ) -> None:

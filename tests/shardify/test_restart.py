@@ -51,6 +51,7 @@ def _assert_only_complete_shards_visible(out: Path) -> int:
     return len(visible)
 
 
+@pytest.mark.full  # the suite: tests/faults/test_shardify_killed.py, test_s3.py
 def test_killed_conversion_resumes_to_identical_output(slow_input: Path, tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     subprocess.run(convert_command(slow_input, reference, 2, 150), check=True, timeout=300)
