@@ -75,11 +75,10 @@ def get_range(url: str, start: int, stop: int, connections: int = DEFAULT_CONNEC
     span, _, total = answer.get("ContentRange", "").removeprefix("bytes ").partition("/")
     size = int(total) if total.isdigit() else answer.get("ContentLength")
     first, _, last = span.partition("-")
-    ranged = first.isdigit() and last.isdigit()
-    expected = int(last) - int(first) + 1 if ranged else answer.get("ContentLength")
-    if expected is not None and len(data) != expected:
+    if first.isdigit() and last.isdigit() and len(data) != int(last) - int(first) + 1:
         # A body cut short (a connection closed half-way, a proxy that ended it cleanly) must not
         # read as the object's end: a transient error, so the range is asked again.
+        expected = int(last) - int(first) + 1
         raise botocore.exceptions.IncompleteReadError(actual_bytes=len(data), expected_bytes=expected)
     return Answer(data, size, answer.get("ETag"))
 

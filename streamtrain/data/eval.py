@@ -53,13 +53,13 @@ def eval_parts(dataset: Dataset) -> dict[str | None, Dataset]:
 class EvalStream(IterableDataset):
     """This rank's share of a held-out set as ``(batch, read_stats)`` pairs, in manifest order.
 
-    Given several datasets, a pass reads the one ``choose`` named last (the first by default);
-    the choice lives in shared memory, so workers forked once follow it from pass to pass.
+    A pass reads the part of ``dataset`` (see ``eval_parts``) that ``choose`` named last (all of
+    it by default); the choice lives in shared memory, so workers forked once follow it.
     """
 
     def __init__(
         self,
-        datasets: Dataset | Sequence[Dataset],
+        dataset: Dataset,
         rank: int,
         world_size: int,
         batch_size: int,
@@ -69,26 +69,31 @@ class EvalStream(IterableDataset):
         retry: RetryPolicy | None = None,
         max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     ) -> None:
-        self.datasets = [datasets] if isinstance(datasets, Dataset) else list(datasets)
+        self.parts = eval_parts(dataset)
+        self.names = list(self.parts)
         self.max_member_bytes = max_member_bytes
         self.rank = rank
         self.world_size = world_size
         self.batch_size = batch_size
         self.decode = decode
         self.collate = collate
-        self.totals = [min(max_samples or d.samples, d.samples) for d in self.datasets]
+        self.totals = [min(max_samples or part.samples, part.samples) for part in self.parts.values()]
         self.retry = retry
         self._chosen = RawValue("i", 0)
 
-    def choose(self, index: int) -> None:
-        """Which dataset the next pass reads; -1: none (the pass is empty)."""
-        self._chosen.value = index
+    def choose(self, part: str | None) -> None:
+        """The part the next pass reads (None: all of the set)."""
+        self._chosen.value = self.names.index(part)
+
+    def choose_nothing(self) -> None:
+        """The next pass is empty."""
+        self._chosen.value = -1
 
     def __iter__(self) -> Iterator[tuple[Any, dict[str, int]]]:
         chosen = self._chosen.value
         if chosen < 0:
             return
-        dataset, total = self.datasets[chosen], self.totals[chosen]
+        dataset, total = self.parts[self.names[chosen]], self.totals[chosen]
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         rank_lo, rank_hi = _share(total, self.world_size, self.rank)
@@ -140,11 +145,8 @@ class EvalReader:
     once, when the reader is made; batches the workers left undecoded are decoded on
     ``decode_device`` (None: the CPU). ``close`` stops the workers."""
 
-    def __init__(
-        self, stream: EvalStream, num_workers: int, keys: Sequence[str | None], decode_device: Any = None
-    ) -> None:
+    def __init__(self, stream: EvalStream, num_workers: int, decode_device: Any = None) -> None:
         self.stream = stream
-        self.keys = list(keys)
         self.decode_device = decode_device
         workers = max(0, min(num_workers, stream.totals[0] // max(1, stream.world_size)))
         self.loader = DataLoader(
@@ -156,14 +158,14 @@ class EvalReader:
         )
         self._iterator: Any = None
         if workers:
-            stream.choose(-1)  # the workers start now, on an empty pass, and wait for the first
+            stream.choose_nothing()  # the workers start now, on an empty pass, and wait for the first
             self._iterator = iter(self.loader)
 
     def batches(self, part: str | None = None) -> Iterator[tuple[Any, dict[str, int]]]:
         """One pass over ``part`` (None: the whole set) as ``(batch or None, read counts)`` pairs."""
         if self.loader.num_workers and self._iterator is None:
             raise RuntimeError("the held-out reader is closed")
-        self.stream.choose(self.keys.index(part))
+        self.stream.choose(part)
         for batch, counts in iter(self.loader):  # persistent workers: the same ones, reset
             if batch is not None:
                 batch, more = finish_batch(batch, self.decode_device or "cpu")

@@ -7,8 +7,6 @@ plans, workers and retries stays behind these three calls.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
-from typing import Any
 
 import torch
 
@@ -20,7 +18,7 @@ from streamtrain.config.weights import schedule
 from streamtrain.data.counts import Collate, Decode
 from streamtrain.data.dataset import Dataset, Source
 from streamtrain.data.elastic import ElasticStream, Layout, StreamConfig
-from streamtrain.data.eval import EvalReader, EvalStream, eval_parts
+from streamtrain.data.eval import EvalReader, EvalStream
 from streamtrain.data.loader import ElasticLoader
 from streamtrain.data.remote import RemoteReads
 from streamtrain.data.sample_log import SampleLog
@@ -112,9 +110,8 @@ def held_out_reader(
     """This rank's reader of ``dataset`` and its named parts (``eval_parts``), its loader workers
     started now; images the decoder left undecoded are decoded on ``decode_device`` (default: the
     CPU). Close it when the run ends."""
-    parts = eval_parts(dataset)
     stream = EvalStream(
-        list(parts.values()),
+        dataset,
         rank,
         world_size,
         settings.batch_size,
@@ -124,25 +121,7 @@ def held_out_reader(
         retry=retry_policy(data),
         max_member_bytes=_member_bytes(data),
     )
-    return EvalReader(stream, data.num_workers, list(parts), decode_device)
-
-
-def held_out_batches(
-    data: DataConfig,
-    settings: EvalConfig,
-    dataset: Dataset,
-    *,
-    rank: int,
-    world_size: int,
-    decode: Decode,
-    collate: Collate,
-    decode_device: torch.device | None = None,
-) -> Iterator[tuple[Any, dict[str, int]]]:
-    """One pass over this rank's share of all of ``dataset`` as ``(batch or None, read counts)``
-    pairs, through a reader of its own."""
-    options = {"rank": rank, "world_size": world_size, "decode": decode, "collate": collate}
-    with held_out_reader(data, settings, dataset, decode_device=decode_device, **options) as reader:
-        yield from reader.batches()
+    return EvalReader(stream, data.num_workers, decode_device)
 
 
 def decode_device(data: DataConfig, device: torch.device, dataset: Dataset) -> torch.device | None:

@@ -55,8 +55,8 @@ class Trainer:
         """The last batch this rank trained on (see _backward_without_data)."""
         self.stops = stopping.StopRequests()
         self.claim: OutputClaim | None = None
-        self.eval_reader: EvalReader | None = None
         """This job's claim on output_dir (rank 0 only)."""
+        self.eval_reader: EvalReader | None = None
         chosen = config.checkpoint
         self.checkpoints = CheckpointManager(
             self.output_dir,

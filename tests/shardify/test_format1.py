@@ -19,7 +19,7 @@ import pytest
 from streamtrain.config import DataConfig, EvalConfig
 from streamtrain.data.collate import collate_alignment
 from streamtrain.data.decoders import CaptionDecoder
-from streamtrain.data.pipeline import held_out_batches, resolve_sources
+from streamtrain.data.pipeline import held_out_reader, resolve_sources
 from streamtrain.data.shards import resolve
 from tests import factories
 
@@ -35,7 +35,7 @@ def test_a_format_1_output_is_read_by_the_trainer_with_its_checksums() -> None:
     ]
     assert source.schema == "caption" and source.samples == 11
     ids, counts = [], Counter()
-    for batch, batch_counts in held_out_batches(
+    reader = held_out_reader(
         DataConfig(train=str(DATA / "format1"), num_workers=0),
         EvalConfig(batch_size=4),
         resolve_sources(str(DATA / "format1")),
@@ -43,7 +43,8 @@ def test_a_format_1_output_is_read_by_the_trainer_with_its_checksums() -> None:
         world_size=1,
         decode=CaptionDecoder(image_size=16, train=False),
         collate=collate_alignment,
-    ):
+    )
+    for batch, batch_counts in reader.batches():
         ids += batch["sample_ids"]
         counts.update(batch_counts)
     assert sorted(ids) == [f"img-{row:05d}" for row in range(12) if row != 4]

@@ -18,7 +18,7 @@ from shardify.index import IndexOptions, index
 from streamtrain.config import DataConfig, EvalConfig
 from streamtrain.data.collate import collate_alignment
 from streamtrain.data.decoders import CaptionDecoder
-from streamtrain.data.pipeline import held_out_batches, resolve_sources, train_loader
+from streamtrain.data.pipeline import held_out_reader, resolve_sources, train_loader
 from tests import factories
 
 ROWS = 24
@@ -100,7 +100,7 @@ def test_a_flipped_byte_in_each_member_kind_is_a_counted_skip(damaged: tuple[Pat
 def test_held_out_batches_verify_too(damaged: tuple[Path, set[str]]) -> None:
     shards, _ = damaged
     counts: Counter[str] = Counter()
-    for _, batch_counts in held_out_batches(
+    reader = held_out_reader(
         DataConfig(train=str(shards), num_workers=0),
         EvalConfig(batch_size=5),
         resolve_sources(str(shards)),
@@ -108,7 +108,8 @@ def test_held_out_batches_verify_too(damaged: tuple[Path, set[str]]) -> None:
         world_size=1,
         decode=CaptionDecoder(image_size=16, train=False),
         collate=collate_alignment,
-    ):
+    )
+    for _, batch_counts in reader.batches():
         counts.update(batch_counts)
     assert counts["checksum_errors"] == 3 and counts["samples"] == ROWS - 3
 

@@ -22,7 +22,7 @@ from streamtrain.data.decoders import CaptionDecoder, ChatDecoder
 from streamtrain.data.device_decode import EncodedImages, finish_batch
 from streamtrain.data.handover import Packed
 from streamtrain.data.images import KIND_JPEG, KIND_PIXELS, Encoded, ImageTransform, encode_for_device
-from streamtrain.data.pipeline import decode_device, held_out_batches, resolve_sources, train_loader
+from streamtrain.data.pipeline import decode_device, held_out_reader, resolve_sources, train_loader
 from streamtrain.data.transforms import CLIP_STD, decode_image, vision_transform
 from streamtrain.errors import UserError
 from tests import factories
@@ -261,18 +261,18 @@ def test_held_out_batches_decode_on_the_device_with_the_eval_transform(jpeg_shar
     dataset = resolve_sources(str(jpeg_shards))
     passes = {}
     for on_device in (False, True):
-        passes[on_device] = list(
-            held_out_batches(
-                data,
-                EvalConfig(batch_size=8),
-                dataset,
-                rank=0,
-                world_size=1,
-                decode=CaptionDecoder(image_size=32, train=False, on_device=on_device),
-                collate=collate_alignment,
-                decode_device=torch.device("cpu") if on_device else None,
-            )
+        reader = held_out_reader(
+            data,
+            EvalConfig(batch_size=8),
+            dataset,
+            rank=0,
+            world_size=1,
+            decode=CaptionDecoder(image_size=32, train=False, on_device=on_device),
+            collate=collate_alignment,
+            decode_device=torch.device("cpu") if on_device else None,
         )
+        with reader:
+            passes[on_device] = list(reader.batches())
     assert len(passes[True]) == len(passes[False]) == 5
     for (expected, _), (got, counts) in zip(passes[False], passes[True], strict=True):
         assert got["sample_ids"] == expected["sample_ids"] and counts["samples"] == 8

@@ -16,7 +16,6 @@ from shardify.bytestream import RetryPolicy
 from shardify.convert import ConvertOptions, convert
 from streamtrain.config import DataConfig, EvalConfig, SourceSpec
 from streamtrain.data.pipeline import (
-    held_out_batches,
     held_out_reader,
     resolve_sources,
     retry_policy,
@@ -91,7 +90,7 @@ def test_retries_up_to_the_failures_give_the_shard_up(shards: Path, no_sleep: li
 def test_held_out_reads_use_the_retry_keys_too(shards: Path, no_sleep: list) -> None:
     with registered("failing", FailingLocalStorage):
         FailingLocalStorage.failures, FailingLocalStorage.reads = FAILURES, 0
-        held_out = held_out_batches(
+        reader = held_out_reader(
             data_config(retries=FAILURES + 1),
             EvalConfig(batch_size=5),
             resolve_sources(f"failing://{shards}"),
@@ -100,7 +99,7 @@ def test_held_out_reads_use_the_retry_keys_too(shards: Path, no_sleep: list) -> 
             decode=decode,
             collate=list,
         )
-        results = list(held_out)
+        results = list(reader.batches())
     totals = sum((Counter(stats) for _, stats in results), Counter())
     assert totals["read_retries"] == FAILURES and totals["samples"] == 24
     assert [len(batch) for batch, _ in results] == [5, 5, 5, 5, 4]
